@@ -1,0 +1,53 @@
+"""Build cl_fast._C from csrc/ with torch.utils.cpp_extension (ninja).
+
+CPU sources are always built. CUDA sources are added only where the installed torch
+has CUDA and nvcc is found, so the same setup.py works on a CPU-only laptop and on a GPU node.
+Build with `pip install --no-build-isolation -e .` so the build uses the torch already installed.
+"""
+import glob
+import os
+import shutil
+
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _sources(pattern):
+    return sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
+
+
+def _with_cuda():
+    if os.environ.get("CL_FAST_NO_CUDA") == "1":
+        return False
+    nvcc = shutil.which("nvcc") or (
+        os.environ.get("CUDA_HOME") and os.path.exists(os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc"))
+    )
+    return torch.version.cuda is not None and bool(nvcc)
+
+
+def _extension():
+    sources = ["csrc/bindings.cpp"] + _sources("csrc/cpu/*.cpp")
+    cxx = ["-O3", "-std=c++17", "-fopenmp", "-march=native" if os.environ.get("CL_FAST_NATIVE") == "1" else "-mavx2", "-mfma"]
+    if _with_cuda():
+        sources += _sources("csrc/cuda/*.cu")
+        return CUDAExtension(
+            "cl_fast._C",
+            sources,
+            define_macros=[("CL_FAST_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
+        )
+    return CppExtension("cl_fast._C", sources, extra_compile_args={"cxx": cxx})
+
+
+setup(
+    name="cl_fast",
+    version="0.1.0",
+    description="Fused, memory-lean contrastive losses (InfoNCE family) for PyTorch",
+    packages=find_packages(include=["cl_fast", "cl_fast.*", "triton_kernels", "triton_kernels.*"]),
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    python_requires=">=3.10",
+)
