@@ -1,0 +1,60 @@
+"""Input validation shared by every public op: one place, messages that name the argument."""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def check_features(name: str, x, min_rows: int = 1) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be 2-D (N, D), got shape {tuple(x.shape)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {x.dtype}")
+    if x.shape[0] < min_rows:
+        raise ValueError(f"{name} must have at least {min_rows} row(s), got N={x.shape[0]}")
+    if x.shape[1] < 1:
+        raise ValueError(f"{name} must have at least one feature column, got D={x.shape[1]}")
+
+
+def check_pair(name_a: str, a, name_b: str, b, min_rows: int = 1) -> None:
+    """Two (N, D) feature tensors of one shape, dtype and device."""
+    check_features(name_a, a, min_rows)
+    check_features(name_b, b, min_rows)
+    if a.shape != b.shape:
+        raise ValueError(
+            f"{name_a} and {name_b} must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
+    if a.device != b.device:
+        raise ValueError(f"{name_a} and {name_b} must be on one device, got {a.device} and {b.device}")
+    if a.dtype != b.dtype:
+        raise TypeError(f"{name_a} and {name_b} must have one dtype, got {a.dtype} and {b.dtype}")
+
+
+def check_positive_scalar(name: str, value, device: torch.device) -> None:
+    """A float or a 0-d float tensor, finite and > 0 (tensors are checked outside torch.compile)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.dim() > 1:
+            raise ValueError(f"{name} must be a float or a 0-d tensor, got shape {tuple(value.shape)}")
+        if not value.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
+        if value.device != device and value.device.type != "cpu":
+            raise ValueError(f"{name} is on {value.device} but the features are on {device}")
+        if torch.compiler.is_compiling():
+            return
+        value = float(value.detach())
+    elif isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float or a 0-d tensor, got {type(value).__name__}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be finite and > 0, got {value}")
+
+
+def check_reduction(reduction) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
