@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import warnings
 
 import torch
 
@@ -65,8 +66,30 @@ def backends() -> list[str]:
     return found
 
 
-def resolve(backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    """Turn the user's `backend=` into the concrete backend for tensors on `device`."""
+def max_dim(backend: str) -> int | None:
+    """The largest feature dimension D a fused backend's kernels take (None: no limit)."""
+    return getattr(module(backend), "MAX_DIM", None)
+
+
+def resolve(backend: str, device: torch.device, dtype: torch.dtype, dim: int | None = None) -> str:
+    """Turn the user's `backend=` into the concrete backend for (., dim) tensors on `device`.
+
+    "auto" falls back to the reference (with a warning) when D is beyond the fused kernels;
+    an explicit fused backend raises instead.
+    """
+    chosen = _resolve(backend, device, dtype)
+    if chosen == "torch" or dim is None:
+        return chosen
+    limit = max_dim(chosen)
+    if limit is not None and dim > limit:
+        if backend == "auto" and os.environ.get(ENV_VAR, "auto") in ("", "auto"):
+            warnings.warn(f"D={dim} exceeds the {chosen} kernels' limit of {limit}; using the reference backend")
+            return "torch"
+        raise ValueError(f"feature dimension D={dim} exceeds backend {chosen!r}'s limit of {limit}")
+    return chosen
+
+
+def _resolve(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":

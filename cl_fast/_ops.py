@@ -14,6 +14,17 @@ from torch import Tensor
 from . import _dispatch
 
 
+# op name -> its plain Python implementation (tests run it inline to see every allocation)
+IMPLEMENTATIONS = {}
+
+
+def define(name: str, impl):
+    """Register `impl` (fully type-annotated, no mutation) as the custom op cl_fast::<name>."""
+    qualname = f"cl_fast::{name}"
+    IMPLEMENTATIONS[qualname] = impl
+    return torch.library.custom_op(qualname, impl, mutates_args=())
+
+
 def _scale_value(scale: Tensor) -> float:
     return float(scale.detach())
 
@@ -29,10 +40,12 @@ def _as_fp32(grad: Tensor | None, like: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------- nt_xent (symmetric, 2N rows)
-@torch.library.custom_op("cl_fast::ntxent_fwd", mutates_args=())
-def ntxent_fwd(z1: Tensor, z2: Tensor, scale: Tensor, backend: str) -> tuple[Tensor, Tensor]:
+def _ntxent_fwd_impl(z1: Tensor, z2: Tensor, scale: Tensor, backend: str) -> tuple[Tensor, Tensor]:
     """Per-row losses (2N,) and row log-sum-exp (2N,), both fp32."""
     return _dispatch.module(backend).ntxent_fwd(z1.contiguous(), z2.contiguous(), _scale_value(scale))
+
+
+ntxent_fwd = define("ntxent_fwd", _ntxent_fwd_impl)
 
 
 @ntxent_fwd.register_fake
@@ -41,8 +54,7 @@ def _(z1, z2, scale, backend):
     return _fp32((rows,), z1), _fp32((rows,), z1)
 
 
-@torch.library.custom_op("cl_fast::ntxent_bwd", mutates_args=())
-def ntxent_bwd(
+def _ntxent_bwd_impl(
     grad: Tensor, z1: Tensor, z2: Tensor, scale: Tensor, lse: Tensor, backend: str
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dz1, dz2, dL/dscale) for upstream per-row grads `grad`."""
@@ -50,6 +62,9 @@ def ntxent_bwd(
         grad.contiguous(), z1.contiguous(), z2.contiguous(), _scale_value(scale), lse.contiguous()
     )
     return dz1, dz2, dscale.to(scale.device)
+
+
+ntxent_bwd = define("ntxent_bwd", _ntxent_bwd_impl)
 
 
 @ntxent_bwd.register_fake
@@ -74,10 +89,12 @@ ntxent_fwd.register_autograd(_ntxent_backward, setup_context=_ntxent_setup)
 
 
 # ----------------------------------------------- info_nce / clip (cross, N x N, diagonal positives)
-@torch.library.custom_op("cl_fast::cross_fwd", mutates_args=())
-def cross_fwd(q: Tensor, k: Tensor, scale: Tensor, both: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _cross_fwd_impl(q: Tensor, k: Tensor, scale: Tensor, both: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(row_loss, col_loss, row_lse, col_lse), fp32; the col_* are empty (0,) when not `both`."""
     return _dispatch.module(backend).cross_fwd(q.contiguous(), k.contiguous(), _scale_value(scale), both)
+
+
+cross_fwd = define("cross_fwd", _cross_fwd_impl)
 
 
 @cross_fwd.register_fake
@@ -86,8 +103,7 @@ def _(q, k, scale, both, backend):
     return _fp32((q.shape[0],), q), _fp32((cols,), q), _fp32((q.shape[0],), q), _fp32((cols,), q)
 
 
-@torch.library.custom_op("cl_fast::cross_bwd", mutates_args=())
-def cross_bwd(
+def _cross_bwd_impl(
     grad_row: Tensor, grad_col: Tensor, q: Tensor, k: Tensor, scale: Tensor,
     row_lse: Tensor, col_lse: Tensor, both: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -97,6 +113,9 @@ def cross_bwd(
         _scale_value(scale), row_lse.contiguous(), col_lse.contiguous(), both,
     )
     return dq, dk, dscale.to(scale.device)
+
+
+cross_bwd = define("cross_bwd", _cross_bwd_impl)
 
 
 @cross_bwd.register_fake

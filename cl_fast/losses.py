@@ -30,7 +30,7 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature=0.5, *, reduction: str = "mean",
     _checks.check_pair("z1", z1, "z2", z2, min_rows=2)
     _checks.check_positive_scalar("temperature", temperature, z1.device)
     _checks.check_reduction(reduction)
-    backend = _dispatch.resolve(backend, z1.device, z1.dtype)
+    backend = _dispatch.resolve(backend, z1.device, z1.dtype, z1.shape[1])
     if backend == "torch":
         return reference.nt_xent(z1, z2, temperature, reduction=reduction)
     losses, _ = _ops.ntxent_fwd(z1, z2, _scale_tensor(temperature, True, z1.device), backend)
@@ -55,7 +55,7 @@ def info_nce(
     _checks.check_pair("query", query, "key", key, min_rows=2)
     _checks.check_positive_scalar("temperature", temperature, query.device)
     _checks.check_reduction(reduction)
-    backend = _dispatch.resolve(backend, query.device, query.dtype)
+    backend = _dispatch.resolve(backend, query.device, query.dtype, query.shape[1])
     if backend == "torch":
         return reference.info_nce(query, key, temperature, symmetric=symmetric, reduction=reduction)
     return _cross(query, key, _scale_tensor(temperature, True, query.device), bool(symmetric), reduction, backend)
@@ -72,13 +72,10 @@ def clip_loss(
     """
     _checks.check_pair("image_features", image_features, "text_features", text_features, min_rows=2)
     _checks.check_positive_scalar("logit_scale", logit_scale, image_features.device)
-    requested = backend
-    backend = _dispatch.resolve(backend, image_features.device, image_features.dtype)
+    if not normalize and backend not in ("auto", "torch"):
+        raise ValueError(f"normalize=False is only computed by the reference; use backend='auto' or 'torch', got {backend!r}")
+    backend = _dispatch.resolve(backend, image_features.device, image_features.dtype, image_features.shape[1])
     if not normalize:
-        if requested not in ("auto", "torch"):
-            raise ValueError(
-                f"normalize=False is only computed by the reference; use backend='auto' or 'torch', got {requested!r}"
-            )
         backend = "torch"
     if backend == "torch":
         return reference.clip_loss(image_features, text_features, logit_scale, normalize=normalize)
