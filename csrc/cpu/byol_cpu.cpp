@@ -1,0 +1,148 @@
+// BYOL's regression loss on the CPU: loss_i = 2 - 2 cos(p_i, z_i) = ||n(p_i) - n(z_i)||^2.
+// Forward (one pass over each row): ||p_i||, ||z_i||, p_i.z_i -> loss_i and the per-row stats
+// (||p_i||, ||z_i||, cos_i) kept for the backward (3 fp32 per row).
+// Backward with upstream g_i, r = 1 / max(||.||, eps), u = r_p p, v = r_z z:
+//   dp_i = -2 g_i r_p (v_i - u_i cos_i)   (= -2 g_i r_p v_i when ||p_i|| <= eps: n(p) = p / eps)
+//   dz_i = -2 g_i r_z (u_i - v_i cos_i)   (likewise), only when z requires grad.
+#include "cpu_vec.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace cl_fast::cpu {
+namespace {
+
+constexpr float kNormEps = 1e-12f;
+
+void check_pair(const at::Tensor& p, const at::Tensor& z) {
+  TORCH_CHECK(p.dim() == 2, "p must be 2-D (N, D), got ", p.sizes());
+  TORCH_CHECK(p.sizes() == z.sizes(), "p and z must have the same shape, got ", p.sizes(), " and ", z.sizes());
+  TORCH_CHECK(p.scalar_type() == z.scalar_type(), "p and z must have one dtype");
+  TORCH_CHECK(p.device().is_cpu() && z.device().is_cpu(), "p and z must be CPU tensors");
+  const auto dt = p.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16,
+              "p must be float32, float16 or bfloat16, got ", dt);
+}
+
+// Element conversions. fp16 goes through c10's software conversion: the Half(float) constructor
+// uses F16C when cpu_vec.h selects AVX2, and the build does not pass -mf16c.
+inline float to_f32(float x) { return x; }
+inline float to_f32(double x) { return static_cast<float>(x); }
+inline float to_f32(c10::BFloat16 x) { return static_cast<float>(x); }
+inline float to_f32(c10::Half x) { return c10::detail::fp16_ieee_to_fp32_value(x.x); }
+inline void from_f32(float x, float* dst) { *dst = x; }
+inline void from_f32(float x, double* dst) { *dst = x; }
+inline void from_f32(float x, c10::BFloat16* dst) { *dst = c10::BFloat16(x); }
+inline void from_f32(float x, c10::Half* dst) {
+  *dst = c10::Half(c10::detail::fp16_ieee_from_fp32_value(x), c10::Half::from_bits());
+}
+
+// One row in fp32: the row itself for fp32 inputs, else converted into `buffer`.
+template <typename scalar_t>
+const float* row_f32(const scalar_t* row, int64_t dim, float* buffer) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return row;
+  } else {
+    for (int64_t j = 0; j < dim; ++j) buffer[j] = to_f32(row[j]);
+    return buffer;
+  }
+}
+
+template <typename scalar_t>
+void store_row(const float* src, scalar_t* dst, int64_t dim) {
+  for (int64_t j = 0; j < dim; ++j) from_f32(src[j], dst + j);
+}
+
+// (loss (N,), stats (N, 3) = [||p||, ||z||, cos]), fp32.
+std::tuple<at::Tensor, at::Tensor> byol_fwd(const at::Tensor& p_in, const at::Tensor& z_in) {
+  check_pair(p_in, z_in);
+  const at::Tensor p = p_in.contiguous(), z = z_in.contiguous();
+  const int64_t N = p.size(0), D = p.size(1);
+  const auto f32 = p.options().dtype(at::kFloat);
+  at::Tensor loss = at::empty({N}, f32);
+  at::Tensor stats = at::empty({N, 3}, f32);
+  float* loss_data = loss.data_ptr<float>();
+  float* stat = stats.data_ptr<float>();
+  AT_DISPATCH_SWITCH(p.scalar_type(), "byol_fwd", AT_DISPATCH_CASE_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, [&] {
+    const scalar_t* p_data = p.data_ptr<scalar_t>();
+    const scalar_t* z_data = z.data_ptr<scalar_t>();
+    at::parallel_for(0, N, std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1)), [&](int64_t begin, int64_t end) {
+      std::vector<float> pbuf(D), zbuf(D);
+      for (int64_t i = begin; i < end; ++i) {
+        const float* pr = row_f32(p_data + i * D, D, pbuf.data());
+        const float* zr = row_f32(z_data + i * D, D, zbuf.data());
+        const float np = std::sqrt(dot(pr, pr, D)), nz = std::sqrt(dot(zr, zr, D));
+        const float cos = dot(pr, zr, D) / (std::max(np, kNormEps) * std::max(nz, kNormEps));
+        stat[3 * i] = np;
+        stat[3 * i + 1] = nz;
+        stat[3 * i + 2] = cos;
+        loss_data[i] = 2.f - 2.f * cos;
+      }
+    });
+  }));
+  return {loss, stats};
+}
+
+// (dp, dz) in the inputs' dtype; dz is (0, D) unless need_dz.
+std::tuple<at::Tensor, at::Tensor> byol_bwd(const at::Tensor& grad, const at::Tensor& p_in, const at::Tensor& z_in,
+                                            const at::Tensor& stats, bool need_dz) {
+  check_pair(p_in, z_in);
+  const at::Tensor p = p_in.contiguous(), z = z_in.contiguous();
+  const int64_t N = p.size(0), D = p.size(1);
+  TORCH_CHECK(grad.numel() == N && grad.scalar_type() == at::kFloat, "grad must be (N,) float32");
+  TORCH_CHECK(stats.sizes() == at::IntArrayRef({N, 3}) && stats.scalar_type() == at::kFloat,
+              "stats must be (N, 3) float32");
+  const at::Tensor g = grad.contiguous(), st = stats.contiguous();
+  at::Tensor dp = at::empty_like(p);
+  at::Tensor dz = need_dz ? at::empty_like(z) : at::empty({0, D}, z.options());
+  const float* g_data = g.data_ptr<float>();
+  const float* stat = st.data_ptr<float>();
+  AT_DISPATCH_SWITCH(p.scalar_type(), "byol_bwd", AT_DISPATCH_CASE_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, [&] {
+    const scalar_t* p_data = p.data_ptr<scalar_t>();
+    const scalar_t* z_data = z.data_ptr<scalar_t>();
+    scalar_t* dp_data = dp.data_ptr<scalar_t>();
+    scalar_t* dz_data = need_dz ? dz.data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, N, std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1)), [&](int64_t begin, int64_t end) {
+      std::vector<float> pbuf(D), zbuf(D), out(D);
+      for (int64_t i = begin; i < end; ++i) {
+        const float* pr = row_f32(p_data + i * D, D, pbuf.data());
+        const float* zr = row_f32(z_data + i * D, D, zbuf.data());
+        const float np = stat[3 * i], nz = stat[3 * i + 1], cos = stat[3 * i + 2];
+        const float rp = 1.f / std::max(np, kNormEps), rz = 1.f / std::max(nz, kNormEps);
+        // dp = -2 g r_p (r_z z - [||p|| > eps] cos r_p p)
+        {
+          const float a = -2.f * g_data[i] * rp * rz;
+          const float b = np > kNormEps ? 2.f * g_data[i] * rp * cos * rp : 0.f;
+          at::vec::map2([a, b](Vec zz, Vec pp) { return zz * Vec(a) + pp * Vec(b); }, out.data(), zr, pr, D);
+          store_row(out.data(), dp_data + i * D, D);
+        }
+        if (need_dz) {
+          const float a = -2.f * g_data[i] * rz * rp;
+          const float b = nz > kNormEps ? 2.f * g_data[i] * rz * cos * rz : 0.f;
+          at::vec::map2([a, b](Vec pp, Vec zz) { return pp * Vec(a) + zz * Vec(b); }, out.data(), pr, zr, D);
+          store_row(out.data(), dz_data + i * D, D);
+        }
+      }
+    });
+  }));
+  return {dp, dz};
+}
+
+}  // namespace
+}  // namespace cl_fast::cpu
+
+TORCH_LIBRARY_FRAGMENT(cl_fast_C, m) {
+  m.def("byol_fwd(Tensor p, Tensor z) -> (Tensor, Tensor)");
+  m.def("byol_bwd(Tensor grad, Tensor p, Tensor z, Tensor stats, bool need_dz) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(cl_fast_C, CPU, m) {
+  m.impl("byol_fwd", &cl_fast::cpu::byol_fwd);
+  m.impl("byol_bwd", &cl_fast::cpu::byol_bwd);
+}

@@ -1,0 +1,167 @@
+"""byol_loss / BYOLLoss: every backend against a float64 evaluation of SPEC.md (2 - 2 cos).
+
+Values AND gradients (p, and z when it requires grad), ragged shapes, fp32/fp16/bf16, every
+reduction, the clamped-norm branch, NaN propagation, bad inputs, torch.compile and opcheck.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import cl_fast
+from cl_fast import byol, reference
+from cl_fast.byol import BYOLLoss, byol_loss
+from conftest import DEVICE, RTOL, fused_backend_params, randn, rel_err
+
+FUSED = fused_backend_params(("triton", "cpu"))
+BACKENDS = [pytest.param("torch", id="torch")] + FUSED
+
+SHAPES = [(1, 2), (2, 3), (17, 100), (64, 257), (129, 16)]  # D = 1: cos = +-1, the gradient is 0
+CASES = [(torch.float32, n, d) for n, d in SHAPES] + [
+    (dt, n, d) for dt in (torch.float16, torch.bfloat16) for n, d in [(2, 3), (17, 100), (64, 257)]
+]
+CASE_IDS = [f"{str(dt)[6:]}-N{n}-D{d}" for dt, n, d in CASES]
+
+
+def check_against_float64(backend, p, z, reduction, z_grad, gen):
+    dtype = p.dtype
+    p = p.detach().requires_grad_()
+    z = z.detach().requires_grad_(z_grad)
+    loss = byol_loss(p, z, reduction=reduction, backend=backend)
+    p64 = p.detach().double().requires_grad_()
+    z64 = z.detach().double().requires_grad_(z_grad)
+    expected = reference.byol_loss(p64, z64, reduction=reduction)
+    upstream = torch.rand(expected.shape, generator=gen, dtype=torch.float64) + 0.5
+    (loss * upstream.to(loss.device, loss.dtype)).sum().backward()
+    (expected * upstream).sum().backward()
+    tol = RTOL[dtype]
+    assert loss.dtype == torch.float32
+    assert rel_err(loss, expected) < tol, "loss"
+    assert p.grad.dtype == dtype
+    assert rel_err(p.grad, p64.grad) < tol, "grad of p"
+    if z_grad:
+        assert z.grad.dtype == dtype
+        assert rel_err(z.grad, z64.grad) < tol, "grad of z"
+    else:
+        assert z.grad is None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,n,d", CASES, ids=CASE_IDS)
+def test_byol_loss_matches_float64(backend, dtype, n, d, gen):
+    p, z = randn(n, d, dtype=dtype, generator=gen), randn(n, d, dtype=dtype, generator=gen)
+    check_against_float64(backend, p, z, "mean", False, gen)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_byol_loss_reductions_and_target_gradient(backend, reduction, gen):
+    p, z = randn(13, 40, generator=gen), randn(13, 40, generator=gen)
+    check_against_float64(backend, p, z, reduction, True, gen)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_byol_loss_zero_and_tiny_rows_use_clamped_norm(backend, gen):
+    p, z = randn(6, 10, generator=gen), randn(6, 10, generator=gen)
+    p[1] = 0.0
+    z[3] *= 1e-14
+    check_against_float64(backend, p, z, "none", True, gen)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_byol_loss_check_values(backend, gen):
+    """2 - 2 cos: 0 for parallel rows (any scale), 2 for orthogonal, 4 for opposite; and the
+    reference equals ||n(p) - n(z)||^2 (SPEC.md)."""
+    p = randn(3, 8, generator=gen)
+    z = torch.stack([3.0 * p[0], p[1] - (p[1] @ p[2]) / (p[2] @ p[2]) * p[2], -0.5 * p[2]])
+    p = torch.stack([p[0], p[2], p[2]])
+    per_row = byol_loss(p, z, reduction="none", backend=backend)
+    torch.testing.assert_close(per_row, torch.tensor([0.0, 2.0, 4.0], device=DEVICE), rtol=0, atol=1e-5)
+    a, b = randn(9, 5, generator=gen).double(), randn(9, 5, generator=gen).double()
+    squared_distance = (F.normalize(a, dim=1) - F.normalize(b, dim=1)).pow(2).sum(dim=1).mean()
+    torch.testing.assert_close(reference.byol_loss(a, b), squared_distance, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_byol_module(backend, gen):
+    p, z = randn(7, 12, generator=gen), randn(7, 12, generator=gen)
+    module = BYOLLoss(reduction="sum", backend=backend)
+    torch.testing.assert_close(module(p, z), reference.byol_loss(p, z, reduction="sum"), rtol=1e-5, atol=1e-6)
+    assert "sum" in repr(module)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_propagates(backend, gen):
+    p, z = randn(4, 6, generator=gen), randn(4, 6, generator=gen)
+    p[1, 2] = math.nan
+    z[2, 0] = math.inf
+    per_row = byol_loss(p, z, reduction="none", backend=backend)
+    assert torch.isnan(per_row[1]) and torch.isnan(per_row[2])
+    assert torch.isfinite(per_row[[0, 3]]).all()
+
+
+BAD_CALLS = [
+    ("shape mismatch", lambda: byol_loss(torch.randn(4, 8), torch.randn(5, 8)), ValueError, "p and z"),
+    ("D mismatch", lambda: byol_loss(torch.randn(4, 8), torch.randn(4, 9)), ValueError, "p and z"),
+    ("zero rows", lambda: byol_loss(torch.randn(0, 8), torch.randn(0, 8)), ValueError, "p"),
+    ("1-D", lambda: byol_loss(torch.randn(8), torch.randn(8)), ValueError, "p must be 2-D"),
+    ("integer", lambda: byol_loss(torch.ones(4, 8, dtype=torch.int64), torch.ones(4, 8, dtype=torch.int64)), TypeError, "p"),
+    ("mixed dtypes", lambda: byol_loss(torch.randn(4, 8), torch.randn(4, 8).half()), TypeError, "dtype"),
+    ("mixed devices", lambda: byol_loss(torch.randn(4, 8), torch.randn(4, 8, device="meta")), ValueError, "device"),
+    ("not a tensor", lambda: byol_loss([[1.0]], torch.randn(1, 1)), TypeError, "p"),
+    ("bad reduction", lambda: byol_loss(torch.randn(4, 8), torch.randn(4, 8), reduction="avg"), ValueError, "reduction"),
+    ("bad backend", lambda: byol_loss(torch.randn(4, 8), torch.randn(4, 8), backend="fast"), ValueError, "backend"),
+    ("no cuda kernel", lambda: byol_loss(torch.randn(4, 8), torch.randn(4, 8), backend="cuda"), ValueError, "triton"),
+    ("module reduction", lambda: BYOLLoss(reduction="avg"), ValueError, "reduction"),
+]
+
+
+@pytest.mark.parametrize("call,error,match", [c[1:] for c in BAD_CALLS], ids=[c[0] for c in BAD_CALLS])
+def test_bad_input_raises_clear_error(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_fused_backends_reject_float64(backend):
+    with pytest.raises(TypeError, match="float64"):
+        byol_loss(torch.randn(4, 8, dtype=torch.float64), torch.randn(4, 8, dtype=torch.float64), backend=backend)
+
+
+def test_public_names():
+    assert cl_fast.byol_loss is byol.byol_loss
+    assert cl_fast.BYOLLoss is byol.BYOLLoss
+    assert {"byol_loss", "BYOLLoss"} <= set(cl_fast.__all__)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_compile_fullgraph_no_graph_break(backend, gen):
+    torch._dynamo.reset()
+
+    def step(p, z):
+        return byol_loss(p, z, backend=backend)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    p, z = randn(10, 12, generator=gen, requires_grad=True), randn(10, 12, generator=gen)
+    loss = compiled(p, z)
+    loss.backward()
+    p_ref = p.detach().clone().requires_grad_()
+    expected = step(p_ref, z)
+    expected.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_opcheck(backend, gen):
+    p = randn(6, 10, generator=gen, requires_grad=True)
+    z = randn(6, 10, generator=gen, requires_grad=True)
+    torch.library.opcheck(torch.ops.cl_fast.byol_fwd.default, (p, z, backend))
+    with torch.no_grad():
+        _, stats = torch.ops.cl_fast.byol_fwd(p, z, backend)
+    grad = torch.rand(6, device=DEVICE)
+    for need_dz in (True, False):
+        torch.library.opcheck(torch.ops.cl_fast.byol_bwd.default, (grad, p.detach(), z.detach(), stats, need_dz, backend))
