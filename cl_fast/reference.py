@@ -64,3 +64,129 @@ def clip_loss(image_features, text_features, logit_scale, *, normalize=True):
     logits = _cross_logits(image_features, text_features, logit_scale, normalize)
     labels = torch.arange(logits.shape[0], device=logits.device)
     return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+
+
+# ------------------------------------------------------------------------- MoCo and BYOL
+def moco_loss(q, k, queue, temperature=0.07, *, reduction="mean"):
+    """MoCo v1/v2 InfoNCE: row i scores its key k_i (label 0) against every stored queue row.
+
+    queue is (K, D), one stored key per row, used as stored (it holds already-normalised keys).
+    No gradient flows into k or queue. Builds the N x (1 + K) logits, as MoCo's own code does.
+    """
+    u = l2_normalize(q)
+    v = l2_normalize(k.detach())
+    negatives = queue.detach().to(u.dtype)
+    l_pos = (u * v).sum(dim=1, keepdim=True)
+    l_neg = u @ negatives.T
+    logits = torch.cat([l_pos, l_neg], dim=1) / temperature
+    labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+    return reduce_loss(F.cross_entropy(logits, labels, reduction="none"), reduction)
+
+
+@torch.no_grad()
+def queue_update_(queue, keys, ptr):
+    """Ring-buffer enqueue: queue[(ptr + b) % K] = n(keys[b]) cast to queue.dtype, in place.
+
+    Returns (ptr + B) % K: a Python int for an int ptr; a 0-d tensor ptr is updated in place and
+    returned (no host sync). B > K is an error (the batch would overwrite itself).
+    """
+    size, batch = queue.shape[0], keys.shape[0]
+    if batch > size:
+        raise ValueError(f"keys has B={batch} rows but the queue holds only K={size}; need B <= K")
+    rows = (ptr + torch.arange(batch, device=queue.device)) % size
+    queue.index_copy_(0, rows, l2_normalize(keys).to(queue.dtype))
+    if isinstance(ptr, torch.Tensor):
+        return ptr.copy_((ptr + batch) % size)
+    return (ptr + batch) % size
+
+
+def byol_loss(p, z, *, reduction="mean"):
+    """BYOL regression loss 2 - 2 cos(p_i, z_i) (= ||n(p_i) - n(z_i)||^2); z is expected detached."""
+    per_row = 2 - 2 * (l2_normalize(p) * l2_normalize(z)).sum(dim=1)
+    return reduce_loss(per_row, reduction)
+
+
+# ------------------------------------------------------------------------- SwAV
+def _lse(x, dim, group=None):
+    """log-sum-exp over `dim` (None: all entries); with `group`, also over the ranks: all-reduce
+    the max, then the sums of exp(x - max) (never an exp of an unshifted value)."""
+    import torch.distributed as dist
+
+    top = x.amax() if dim is None else x.amax(dim, keepdim=True)
+    if group is not None:
+        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+    shift = torch.where(top == float("-inf"), torch.zeros_like(top), top)  # all -inf: exp(-inf - 0) = 0
+    total = (x - shift).exp().sum() if dim is None else (x - shift).exp().sum(dim, keepdim=True)
+    if group is not None:
+        dist.all_reduce(total, group=group)
+    return shift + total.log()
+
+
+@torch.no_grad()
+def sinkhorn(scores, epsilon=0.05, iterations=3, *, group=None):
+    """SwAV's distributed_sinkhorn (SPEC.md), every step in the log domain: finite for any finite scores.
+
+    log Q = scores^T / eps minus its log total (K x B). Each iteration subtracts from every row its
+    lse over the GLOBAL batch (all-reduced over `group`) and log K, then from every column its lse
+    (local) and log B, B = local B times the group's size. Output: exp(log Q + log B)^T, (B, K).
+    Where SwAV's plain formula (`sinkhorn_plain`) is finite the two agree.
+    """
+    import math
+
+    import torch.distributed as dist
+
+    log_q = scores.to(_compute_dtype(scores)).T / epsilon
+    world = 1 if group is None else dist.get_world_size(group)
+    n_protos, batch = log_q.shape[0], log_q.shape[1] * world
+    log_q = log_q - _lse(log_q, None, group)
+    for _ in range(iterations):
+        log_q = log_q - _lse(log_q, 1, group) - math.log(n_protos)
+        log_q = log_q - _lse(log_q, 0) - math.log(batch)
+    return (log_q + math.log(batch)).exp().T
+
+
+@torch.no_grad()
+def sinkhorn_plain(scores, epsilon=0.05, iterations=3):
+    """facebookresearch/swav's Sinkhorn on one process, as written there (exp, then divisions).
+
+    The eager baseline. It overflows once scores / eps passes ~88 in fp32 (inf / inf = NaN), and
+    with widely spread scores whole rows underflow to 0 (0 / 0 = NaN): use `sinkhorn` instead.
+    """
+    q = torch.exp(scores.to(_compute_dtype(scores)) / epsilon).T
+    q /= q.sum()
+    n_protos, batch = q.shape
+    for _ in range(iterations):
+        q /= q.sum(dim=1, keepdim=True)
+        q /= n_protos
+        q /= q.sum(dim=0, keepdim=True)
+        q /= batch
+    q *= batch
+    return q.T
+
+
+def _swav_subloss(z, q, temperature):
+    """Cross-entropy of the crop's prototype scores z against the codes q: -mean_b sum_k q log p."""
+    log_p = F.log_softmax(z.to(_compute_dtype(z)) / temperature, dim=1)
+    return -(q * log_p).sum(dim=1).mean()
+
+
+def swav_loss(high_resolution_outputs, low_resolution_outputs, queue_outputs=None, *, temperature=0.1,
+              sinkhorn_iterations=3, sinkhorn_epsilon=0.05, group=None):
+    """lightly's SwaVLoss.forward, as written there: for each high-resolution crop i, codes
+    q_i = sinkhorn(crop_i (+ queue_i rows, dropped afterwards)); the subloss of every OTHER crop
+    (high and low resolution) against q_i, averaged over those n_crops - 1 crops, then over the
+    high-resolution crops."""
+    crops = list(high_resolution_outputs) + list(low_resolution_outputs)
+    loss = 0.0
+    for i, anchor in enumerate(high_resolution_outputs):
+        with torch.no_grad():
+            scores = anchor.detach()
+            if queue_outputs is not None:
+                scores = torch.cat([scores, queue_outputs[i].detach().to(scores.dtype)])
+            q = sinkhorn(scores, sinkhorn_epsilon, sinkhorn_iterations, group=group)[: anchor.shape[0]]
+        subloss = 0.0
+        for v, crop in enumerate(crops):
+            if v != i:
+                subloss = subloss + _swav_subloss(crop, q, temperature)
+        loss = loss + subloss / (len(crops) - 1)
+    return loss / len(high_resolution_outputs)

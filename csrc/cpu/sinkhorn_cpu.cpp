@@ -1,0 +1,436 @@
+// SwAV's Sinkhorn-Knopp assignment on CPU, in the log domain, without a (B, K) intermediate.
+//
+// x = scores / eps (B x K, fp32). SwAV's iterations keep Q[k, b] = exp(x_bk + f_k + g_b) up to
+// constants (which cancel in the final row normalisation), with the scaling vectors
+//   prototype step  f_k = -lse_b (x_bk + g_b)     (g = 0 before the first step)
+//   sample step     g_b = -lse_k (x_bk + f_k)
+// and the output is the last sample step written out: out[b, :] = softmax_k(x_b + f).
+// Only f (K) and g (B) are kept between passes; every pass re-reads `scores` and recomputes its exps.
+//
+// Passes of the fused op (`sinkhorn`, T iterations, T + 1 reads of scores):
+//   1. column pass (g = 0): f = -lse_b x_bk. Rows go in chunks of kChunkRows (the parallel unit;
+//      fixed, so the result does not depend on the thread count); each chunk keeps a running
+//      per-column (max, sum exp(. - max)) and folds kBlockRows rows at a time: one exact max,
+//      one rescale per block, one exp per entry. Chunk partials are merged per column.
+//   2. T - 1 fused passes: row b's sample step gives e_bk = exp(y_bk - c_b), y = x + f,
+//      s_b = sum_k e_bk, i.e. P_bk = e_bk / s_b, and the next prototype step needs only its
+//      column sums: lse_b (x_bk + g_b) = log sum_b P_bk - f_k, so f_k -= log sum_b P_bk.
+//      The shift c_b is not the row max (that would be a second sweep) but the upper bound
+//      -g_b from the previous pass (see sample_step_bounded, which falls back to the max).
+//      One exp per entry, and no max over the column is needed: after a prototype step every
+//      column of Q holds mass 1/K and every row at most 1 (the total is 1), so P_bk >= Q_bk and
+//      sum_b P_bk >= 1/K; the entries carrying that mass are >= 1/(B K), far above FLT_MIN. The
+//      entries that underflow (P < FLT_MIN, flushed to 0) change the column sum by < B e^-87
+//      relative to >= 1/K: the sums, hence f, keep fp32 accuracy for any finite scores.
+//   3. assign pass: out[b, :] = softmax_k(x_b + f), one exp per entry, straight into `out`,
+//      shifted by the same bound.
+// Within a row the sweeps run over a K-float buffer that stays in L1/L2.
+//
+// Non-finite input: a row or column whose max is NaN or +inf comes out NaN (the exp used here,
+// ATen's exp_u20, does not propagate NaN itself, so this is decided from the maxima).
+//
+// The distributed path (cl_fast/swav.py) runs `sinkhorn_col_lse` (pass 1 with g from f, local
+// rows only) and all-reduces its (max, sum) before each prototype step, then `sinkhorn_assign`.
+#include "cpu_vec.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <optional>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+namespace cl_fast::cpu {
+namespace {
+
+constexpr int64_t kChunkRows = 128;  // rows per parallel chunk (and per column partial)
+constexpr int64_t kBlockRows = 16;   // rows whose column maxima are taken together in pass 1
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+
+// The shift for exp(v - shift): the max, or 0 where nothing was seen yet (max = -inf), so that
+// exp(-inf - 0) = 0 rather than exp(-inf + inf) = NaN.
+inline Vec finite_shift(const Vec& m) { return Vec::blendv(m, Vec(0.f), m == Vec(kNegInf)); }
+inline float finite_shift(float m) { return m == kNegInf ? 0.f : m; }
+
+inline Vec load(const float* p, int64_t n) { return n == kVec ? Vec::loadu(p) : Vec::loadu(p, n); }
+inline void store(const Vec& v, float* p, int64_t n) { n == kVec ? v.store(p) : v.store(p, n); }
+
+// Max over the lanes; NaN if any lane is NaN.
+float reduce_max(const Vec& v) {
+  alignas(64) float lanes[kVec];
+  v.store(lanes);
+  float m = kNegInf;
+  for (int64_t i = 0; i < kVec; ++i) {
+    if (std::isnan(lanes[i])) return kNaN;
+    m = std::max(m, lanes[i]);
+  }
+  return m;
+}
+
+// fp16 -> fp32 with the F16C instructions (every AVX2 CPU has them). Compiled for that target
+// here: the extension is built with -mavx2 -mfma only, and c10::Half's own conversion then does
+// not compile in an AVX2 translation unit (ATen's AVX2 path calls _cvtsh_ss).
+__attribute__((target("avx2,f16c"))) void half_to_float(const uint16_t* src, float* dst, int64_t n) {
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8) {
+    _mm256_storeu_ps(dst + k, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + k))));
+  }
+  for (; k < n; ++k) dst[k] = _cvtsh_ss(src[k]);
+}
+
+// bf16 -> fp32: the bf16 bits are the top half of the fp32 bits.
+void bfloat16_to_float(const uint16_t* src, float* dst, int64_t n) {
+  for (int64_t k = 0; k < n; ++k) {
+    const uint32_t bits = static_cast<uint32_t>(src[k]) << 16;
+    std::memcpy(dst + k, &bits, sizeof(float));
+  }
+}
+
+// Row b of the scores as fp32: the row itself for fp32, else converted into `buffer`.
+template <typename scalar_t>
+const float* row_as_float(const scalar_t* src, int64_t K, float* buffer) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return src;
+  } else if constexpr (std::is_same_v<scalar_t, at::Half>) {
+    half_to_float(reinterpret_cast<const uint16_t*>(src), buffer, K);
+  } else {
+    static_assert(std::is_same_v<scalar_t, at::BFloat16>);
+    bfloat16_to_float(reinterpret_cast<const uint16_t*>(src), buffer, K);
+  }
+  return buffer;
+}
+
+// y = x + f with x = s * inv_eps (f may be null: + 0); returns max_k y (NaN if any is NaN).
+// x is rounded to fp32 before f is added (no fma): f was computed from the rounded x, and
+// x_bk + f_k must cancel exactly where they should (a one-hot row gives 0, not x's rounding error).
+float logits_and_max(const float* s, float inv_eps, const float* f, int64_t K, float* y) {
+  const Vec scale(inv_eps);
+  Vec vmax(kNegInf);
+  for (int64_t k = 0; k < K; k += kVec) {
+    const int64_t n = std::min(kVec, K - k);
+    const Vec x = load(s + k, n) * scale;
+    const Vec v = f != nullptr ? x + load(f + k, n) : x;
+    store(v, y + k, n);
+    vmax = at::vec::maximum(vmax, n == kVec ? v : Vec::set(Vec(kNegInf), v, n));
+  }
+  return reduce_max(vmax);
+}
+
+// Sample step of one row, in place on y (= x + f on entry, from logits_and_max with its max m):
+// y_k <- exp(y_k - m), returns their sum. A row whose max is NaN or +inf becomes NaN.
+float exp_row(float* y, float m, int64_t K) {
+  if (std::isnan(m) || m == std::numeric_limits<float>::infinity()) {
+    std::fill(y, y + K, kNaN);
+    return kNaN;
+  }
+  const Vec shift(finite_shift(m));
+  Vec acc(0.f);
+  for (int64_t k = 0; k < K; k += kVec) {
+    const int64_t n = std::min(kVec, K - k);
+    Vec e = (load(y + k, n) - shift).exp_u20();
+    if (n < kVec) e = Vec::set(Vec(0.f), e, n);
+    store(e, y + k, n);
+    acc = acc + e;
+  }
+  return hsum(acc);
+}
+
+// Folds the rows z[0..nrows) (each K long, stride K) into the running column (max, sum).
+void fold_rows_into_columns(const float* z, int64_t nrows, int64_t K, float* col_max, float* col_sum) {
+  for (int64_t k = 0; k < K; k += kVec) {
+    const int64_t n = std::min(kVec, K - k);
+    Vec block_max = load(z + k, n);
+    for (int64_t r = 1; r < nrows; ++r) block_max = at::vec::maximum(block_max, load(z + r * K + k, n));
+    const Vec old_max = load(col_max + k, n);
+    const Vec new_max = at::vec::maximum(old_max, block_max);
+    const Vec shift = finite_shift(new_max);
+    Vec sum = load(col_sum + k, n) * (old_max - shift).exp_u20();
+    for (int64_t r = 0; r < nrows; ++r) sum = sum + (load(z + r * K + k, n) - shift).exp_u20();
+    store(new_max, col_max + k, n);
+    store(sum, col_sum + k, n);
+  }
+}
+
+int64_t num_chunks(int64_t B) { return (B + kChunkRows - 1) / kChunkRows; }
+
+// Runs body(scratch, c) for every chunk c in [0, n) on the intra-op threads. Chunks are claimed
+// one at a time from a shared counter rather than split statically, so a thread that is
+// descheduled (a loaded machine) or slower delays one chunk, not a 1/T share of the pass. Each
+// chunk writes only its own outputs, so the result does not depend on who ran it.
+// make_scratch() gives each thread its row buffers.
+template <typename MakeScratch, typename Body>
+void for_each_chunk(int64_t n, const MakeScratch& make_scratch, const Body& body) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(n, at::get_num_threads()), 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      auto scratch = make_scratch();
+      for (int64_t c = next++; c < n; c = next++) body(scratch, c);
+    }
+  });
+}
+
+// Merges chunk partials (nchunks x K each) into one (max, sum) per column. A column whose max is
+// NaN or +inf gets max NaN (its sum is meaningless then).
+void merge_column_partials(const float* part_max, const float* part_sum, int64_t nchunks, int64_t K,
+                           float* col_max, float* col_sum) {
+  const Vec pos_inf(std::numeric_limits<float>::infinity());
+  for (int64_t k = 0; k < K; k += kVec) {
+    const int64_t n = std::min(kVec, K - k);
+    Vec m(kNegInf);
+    for (int64_t c = 0; c < nchunks; ++c) m = at::vec::maximum(m, load(part_max + c * K + k, n));
+    const Vec shift = finite_shift(m);
+    Vec s(0.f);
+    for (int64_t c = 0; c < nchunks; ++c) {
+      s = s + load(part_sum + c * K + k, n) * (load(part_max + c * K + k, n) - shift).exp_u20();
+    }
+    m = Vec::blendv(m, Vec(kNaN), (m != m) | (m == pos_inf));
+    store(m, col_max + k, n);
+    store(s, col_sum + k, n);
+  }
+}
+
+// Pass 1: per column, (max, sum exp(x_bk + g_b - max)) over the rows of scores, with
+// g_b = -lse_k (x_bk + f_k) when f is given, else g = 0.
+template <typename scalar_t>
+void column_lse_pass(const scalar_t* scores, int64_t B, int64_t K, float inv_eps, const float* f,
+                     float* col_max, float* col_sum) {
+  const int64_t nchunks = num_chunks(B);
+  std::vector<float> part_max(nchunks * K, kNegInf), part_sum(nchunks * K, 0.f);
+  struct Scratch {
+    std::vector<float> block, row, convert;
+  };
+  const auto make_scratch = [K] { return Scratch{std::vector<float>(kBlockRows * K), std::vector<float>(K), std::vector<float>(K)}; };
+  for_each_chunk(nchunks, make_scratch, [&](Scratch& scratch, int64_t c) {
+    const int64_t row_end = std::min(B, (c + 1) * kChunkRows);
+    for (int64_t r0 = c * kChunkRows; r0 < row_end; r0 += kBlockRows) {
+      const int64_t nrows = std::min(kBlockRows, row_end - r0);
+      for (int64_t r = 0; r < nrows; ++r) {
+        const float* s = row_as_float(scores + (r0 + r) * K, K, scratch.convert.data());
+        float* z = scratch.block.data() + r * K;
+        logits_and_max(s, inv_eps, nullptr, K, z);
+        if (f != nullptr) {  // z = x + g
+          float* y = scratch.row.data();
+          const float m = logits_and_max(s, inv_eps, f, K, y);
+          const Vec g(-(finite_shift(m) + std::log(exp_row(y, m, K))));
+          at::vec::map([g](Vec v) { return v + g; }, z, z, K);
+        }
+      }
+      fold_rows_into_columns(scratch.block.data(), nrows, K, part_max.data() + c * K, part_sum.data() + c * K);
+    }
+  });
+  merge_column_partials(part_max.data(), part_sum.data(), nchunks, K, col_max, col_sum);
+}
+
+// The sample step of row b in ONE sweep, given an upper bound `shift` of y = x + f: the previous
+// pass's -g_b (f_k = -lse_b' (x_b'k + g_b') <= -(x_bk + g_b), so y_bk <= -g_b). Writes
+// e_k = exp(y_k - shift), returns g_b = -lse_k y_k and *row_sum = sum_k e_k. The bound is close
+// for all but rows far from every prototype's mass; where it is not (the sum below e^-40, some
+// e above e^40) or y holds NaN/+inf, the row is redone with its exact max (a second sweep;
+// NaN/+inf rows become NaN), so accuracy and finiteness never depend on the bound.
+constexpr float kMinBoundedSum = 4.2483542e-18f;  // e^-40
+constexpr float kMaxAboveBound = 40.f;
+
+float sample_step_bounded(const float* s, float inv_eps, const float* f, int64_t K, float shift, float* e,
+                          float* row_sum) {
+  const Vec scale(inv_eps), vshift(shift);
+  Vec vmax(kNegInf), acc(0.f);
+  for (int64_t k = 0; k < K; k += kVec) {
+    const int64_t n = std::min(kVec, K - k);
+    const Vec y = load(s + k, n) * scale + load(f + k, n);
+    Vec ek = (y - vshift).exp_u20();
+    if (n < kVec) ek = Vec::set(Vec(0.f), ek, n);
+    store(ek, e + k, n);
+    acc = acc + ek;
+    vmax = at::vec::maximum(vmax, n == kVec ? y : Vec::set(Vec(kNegInf), y, n));
+  }
+  float sum = hsum(acc);
+  const float m = reduce_max(vmax);
+  if (!(m <= shift + kMaxAboveBound) || !(sum >= kMinBoundedSum)) {  // also true for NaN
+    logits_and_max(s, inv_eps, f, K, e);
+    sum = exp_row(e, m, K);
+    shift = finite_shift(m);
+  }
+  *row_sum = sum;
+  return -(shift + std::log(sum));
+}
+
+// Pass 2: with f, the sample step of every row: returns the column sums of P, sum_b P_bk, and
+// updates g (in: the previous pass's g, bounding this pass's rows; out: this pass's).
+template <typename scalar_t>
+void fused_sample_pass(const scalar_t* scores, int64_t B, int64_t K, float inv_eps, const float* f,
+                       float* g, float* col_sum) {
+  const int64_t nchunks = num_chunks(B);
+  std::vector<float> part_sum(nchunks * K, 0.f);
+  const auto make_scratch = [K] { return std::pair{std::vector<float>(K), std::vector<float>(K)}; };
+  for_each_chunk(nchunks, make_scratch, [&](auto& scratch, int64_t c) {
+    auto& [row, convert] = scratch;
+    float* acc = part_sum.data() + c * K;
+    for (int64_t b = c * kChunkRows; b < std::min(B, (c + 1) * kChunkRows); ++b) {
+      const float* s = row_as_float(scores + b * K, K, convert.data());
+      float row_sum;
+      g[b] = sample_step_bounded(s, inv_eps, f, K, -g[b], row.data(), &row_sum);
+      const Vec inv_sum(1.f / row_sum);
+      at::vec::map2([inv_sum](Vec a, Vec e) { return at::vec::fmadd(e, inv_sum, a); }, acc, acc, row.data(), K);
+    }
+  });
+  for (int64_t k = 0; k < K; k += kVec) {
+    const int64_t n = std::min(kVec, K - k);
+    Vec total(0.f);
+    for (int64_t c = 0; c < nchunks; ++c) total = total + load(part_sum.data() + c * K + k, n);
+    store(total, col_sum + k, n);
+  }
+}
+
+// Pass 3: out[b, :] = softmax_k(x_b + f), with g bounding the rows as in pass 2 (g = nullptr:
+// no bound known, exact row max).
+template <typename scalar_t>
+void assign_pass(const scalar_t* scores, int64_t B, int64_t K, float inv_eps, const float* f, const float* g,
+                 float* out) {
+  constexpr int64_t kAssignRows = 16;
+  const auto make_scratch = [K] { return std::vector<float>(K); };
+  for_each_chunk((B + kAssignRows - 1) / kAssignRows, make_scratch, [&](std::vector<float>& convert, int64_t c) {
+    for (int64_t b = c * kAssignRows; b < std::min(B, (c + 1) * kAssignRows); ++b) {
+      float* y = out + b * K;
+      const float* s = row_as_float(scores + b * K, K, convert.data());
+      float row_sum;
+      if (g != nullptr) {
+        sample_step_bounded(s, inv_eps, f, K, -g[b], y, &row_sum);
+      } else {
+        row_sum = exp_row(y, logits_and_max(s, inv_eps, f, K, y), K);
+      }
+      const Vec inv_sum(1.f / row_sum);
+      at::vec::map([inv_sum](Vec e) { return e * inv_sum; }, y, y, K);
+    }
+  });
+}
+
+// f_k = -lse: the prototype step from a column (max, sum).
+void prototype_step(const float* col_max, const float* col_sum, int64_t K, float* f) {
+  for (int64_t k = 0; k < K; ++k) f[k] = -(finite_shift(col_max[k]) + std::log(col_sum[k]));
+}
+
+template <typename scalar_t>
+void sinkhorn_impl(const scalar_t* scores, int64_t B, int64_t K, float inv_eps, int64_t iterations, float* out) {
+  std::vector<float> f(K), col_max(K), col_sum(K), g(B, 0.f);
+  column_lse_pass(scores, B, K, inv_eps, nullptr, col_max.data(), col_sum.data());
+  prototype_step(col_max.data(), col_sum.data(), K, f.data());
+  for (int64_t t = 1; t < iterations; ++t) {
+    fused_sample_pass(scores, B, K, inv_eps, f.data(), g.data(), col_sum.data());
+    for (int64_t k = 0; k < K; ++k) f[k] -= std::log(col_sum[k]);  // sum_b P_bk >= 1/K: no underflow
+  }
+  assign_pass(scores, B, K, inv_eps, f.data(), g.data(), out);
+}
+
+// The (B, K) output is first touched by the assign pass, one row after another. On Linux, ask for
+// transparent huge pages on it: 512x fewer first-touch page faults (in a VM here, 49 MB of
+// output went from ~40 ms of faults to ~10 ms). A no-op where THP is off or memory was reused.
+void advise_huge_pages(void* ptr, size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(ptr) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(ptr) + bytes) & ~(kHuge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#endif
+}
+
+at::Tensor new_output(const at::Tensor& scores) {
+  at::Tensor out = at::empty(scores.sizes(), scores.options().dtype(at::kFloat));
+  advise_huge_pages(out.data_ptr(), out.nbytes());
+  return out;
+}
+
+// float, Half, BFloat16 (float64 goes to the PyTorch reference).
+#define DISPATCH_SCORES(dtype, name, ...)                                          \
+  [&] {                                                                            \
+    switch (dtype) {                                                               \
+      case at::kFloat: { using scalar_t = float; return __VA_ARGS__(); }           \
+      case at::kHalf: { using scalar_t = at::Half; return __VA_ARGS__(); }         \
+      case at::kBFloat16: { using scalar_t = at::BFloat16; return __VA_ARGS__(); } \
+      default: TORCH_CHECK(false, name, ": unsupported dtype ", dtype);            \
+    }                                                                              \
+  }()
+
+at::Tensor check_scores(const at::Tensor& scores) {
+  TORCH_CHECK(scores.device().is_cpu(), "scores must be a CPU tensor, got ", scores.device());
+  TORCH_CHECK(scores.dim() == 2, "scores must be 2-D (B, K), got shape ", scores.sizes());
+  TORCH_CHECK(scores.scalar_type() == at::kFloat || scores.scalar_type() == at::kHalf ||
+                  scores.scalar_type() == at::kBFloat16,
+              "scores must be float32, float16 or bfloat16, got ", scores.scalar_type());
+  TORCH_CHECK(scores.size(0) >= 1 && scores.size(1) >= 1, "scores must be non-empty, got shape ", scores.sizes());
+  return scores.contiguous();
+}
+
+at::Tensor check_f(const at::Tensor& f, int64_t K) {
+  TORCH_CHECK(f.device().is_cpu() && f.scalar_type() == at::kFloat && f.dim() == 1 && f.size(0) == K,
+              "f must be a float32 CPU tensor of shape (", K, "), got ", f.scalar_type(), " ", f.sizes());
+  return f.contiguous();
+}
+
+at::Tensor sinkhorn_cpu(const at::Tensor& scores_in, double inv_eps, int64_t iterations) {
+  const at::Tensor scores = check_scores(scores_in);
+  TORCH_CHECK(iterations >= 1, "iterations must be >= 1 for the fused kernel, got ", iterations);
+  const int64_t B = scores.size(0), K = scores.size(1);
+  at::Tensor out = new_output(scores);
+  DISPATCH_SCORES(scores.scalar_type(), "sinkhorn_cpu", [&] {
+    sinkhorn_impl(scores.const_data_ptr<scalar_t>(), B, K, static_cast<float>(inv_eps), iterations,
+                  out.mutable_data_ptr<float>());
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> sinkhorn_col_lse_cpu(const at::Tensor& scores_in, double inv_eps,
+                                                         const std::optional<at::Tensor>& f_in) {
+  const at::Tensor scores = check_scores(scores_in);
+  const int64_t B = scores.size(0), K = scores.size(1);
+  at::Tensor f;
+  if (f_in.has_value()) f = check_f(*f_in, K);
+  const auto options = scores.options().dtype(at::kFloat);
+  at::Tensor col_max = at::empty({K}, options), col_sum = at::empty({K}, options);
+  DISPATCH_SCORES(scores.scalar_type(), "sinkhorn_col_lse_cpu", [&] {
+    column_lse_pass(scores.const_data_ptr<scalar_t>(), B, K, static_cast<float>(inv_eps),
+                    f.defined() ? f.const_data_ptr<float>() : nullptr, col_max.mutable_data_ptr<float>(),
+                    col_sum.mutable_data_ptr<float>());
+  });
+  return {col_max, col_sum};
+}
+
+at::Tensor sinkhorn_assign_cpu(const at::Tensor& scores_in, double inv_eps, const at::Tensor& f_in) {
+  const at::Tensor scores = check_scores(scores_in);
+  const int64_t B = scores.size(0), K = scores.size(1);
+  const at::Tensor f = check_f(f_in, K);
+  at::Tensor out = new_output(scores);
+  DISPATCH_SCORES(scores.scalar_type(), "sinkhorn_assign_cpu", [&] {
+    assign_pass(scores.const_data_ptr<scalar_t>(), B, K, static_cast<float>(inv_eps), f.const_data_ptr<float>(),
+                nullptr, out.mutable_data_ptr<float>());
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace cl_fast::cpu
+
+// Schemas: inv_eps = 1 / epsilon; f is the prototype scaling vector in the log domain (K fp32).
+TORCH_LIBRARY_FRAGMENT(cl_fast_C, m) {
+  m.def("sinkhorn(Tensor scores, float inv_eps, int iterations) -> Tensor");
+  m.def("sinkhorn_col_lse(Tensor scores, float inv_eps, Tensor? f) -> (Tensor, Tensor)");
+  m.def("sinkhorn_assign(Tensor scores, float inv_eps, Tensor f) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(cl_fast_C, CPU, m) {
+  m.impl("sinkhorn", &cl_fast::cpu::sinkhorn_cpu);
+  m.impl("sinkhorn_col_lse", &cl_fast::cpu::sinkhorn_col_lse_cpu);
+  m.impl("sinkhorn_assign", &cl_fast::cpu::sinkhorn_assign_cpu);
+}
