@@ -6,7 +6,6 @@ A fused backend is a module with the four functions of DESIGN.md's interface
 """
 from __future__ import annotations
 
-import functools
 import importlib
 import os
 import warnings
@@ -28,17 +27,23 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
-def _importable(backend: str) -> bool:
+def _try_import(backend: str):
     try:
-        importlib.import_module(_MODULES[backend])
+        return importlib.import_module(_MODULES[backend])
     except (ImportError, OSError, RuntimeError):
-        return False
-    return True
+        return None
+
+
+# Imported once, here: torch.compile traces resolve() and cannot trace an import.
+_LOADED = {name: _try_import(name) for name in _MODULES}
+
+
+def _importable(backend: str) -> bool:
+    return _LOADED[backend] is not None
 
 
 def module(backend: str):
-    return importlib.import_module(_MODULES[backend])
+    return _LOADED[backend]
 
 
 def _runs_on(backend: str, device: torch.device) -> bool:
