@@ -1,0 +1,40 @@
+"""CPU backend: the fused C++ kernels of csrc/cpu (torch.ops.cl_fast_C), DESIGN.md's interface.
+
+Importing this module loads cl_fast._C, which registers the ops; it raises ImportError where
+the extension was not built. Inputs are checked in csrc/bindings.cpp (ValueError / TypeError
+naming the argument). No limit on the feature dimension D (MAX_DIM = None).
+"""
+from __future__ import annotations
+
+import torch
+
+from cl_fast import _C  # noqa: F401  (loads the library: registers torch.ops.cl_fast_C.*)
+
+MAX_DIM = None
+
+_ops = torch.ops.cl_fast_C
+
+
+def ntxent_fwd(z1: torch.Tensor, z2: torch.Tensor, scale: float):
+    """-> (loss (2N,), lse (2N,)), fp32."""
+    return _ops.ntxent_fwd(z1, z2, float(scale))
+
+
+def ntxent_bwd(grad: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor, scale: float, lse: torch.Tensor):
+    """-> (dz1, dz2, dscale): gradients of sum(grad * loss); dscale is 0-d fp32 (dL/dscale)."""
+    return _ops.ntxent_bwd(grad, z1, z2, float(scale), lse)
+
+
+def cross_fwd(q: torch.Tensor, k: torch.Tensor, scale: float, both: bool):
+    """-> (row_loss (N,), col_loss (N,) or (0,), row_lse (N,), col_lse (N,) or (0,)), fp32."""
+    return _ops.cross_fwd(q, k, float(scale), bool(both))
+
+
+def cross_bwd(grad_row, grad_col, q, k, scale: float, row_lse, col_lse, both: bool):
+    """-> (dq, dk, dscale): gradients of sum(grad_row * row_loss + grad_col * col_loss)."""
+    return _ops.cross_bwd(grad_row, grad_col, q, k, float(scale), row_lse, col_lse, bool(both))
+
+
+def l2_normalize(x: torch.Tensor) -> torch.Tensor:
+    """Row-wise x / max(||x||_2, 1e-12), fp32 compute, x's dtype (CPU; CUDA where built with it)."""
+    return _ops.l2_normalize(x)
