@@ -38,3 +38,39 @@ def cross_bwd(grad_row, grad_col, q, k, scale: float, row_lse, col_lse, both: bo
 def l2_normalize(x: torch.Tensor) -> torch.Tensor:
     """Row-wise x / max(||x||_2, 1e-12), fp32 compute, x's dtype (CPU; CUDA where built with it)."""
     return _ops.l2_normalize(x)
+
+
+# ---------------------------------------------------------------- MoCo, BYOL, SwAV Sinkhorn
+def moco_fwd(q, k, queue, scale: float, need_grad: bool):
+    """-> (loss (N,), e (N, D) or (0, D), c (N,) or (0,)), fp32; see cl_fast/moco.py."""
+    return _ops.moco_fwd(q, k, queue, float(scale), bool(need_grad))
+
+
+def queue_update_(queue, keys, ptr):
+    """Writes n(keys) into queue rows ptr, ptr+1, ... (mod K) in place; advances a tensor ptr."""
+    return _ops.moco_queue_update_(queue, keys, ptr)
+
+
+def byol_fwd(p, z):
+    """-> (loss (N,), stats (N, 3)), fp32."""
+    return _ops.byol_fwd(p, z)
+
+
+def byol_bwd(grad, p, z, stats, need_dz: bool):
+    """-> (dp, dz), dz is (0, D) unless need_dz."""
+    return _ops.byol_bwd(grad, p, z, stats, bool(need_dz))
+
+
+def sinkhorn(scores, inv_epsilon: float, iterations: int):
+    """The fused single-process SwAV assignment, (B, K) fp32."""
+    return _ops.sinkhorn(scores, float(inv_epsilon), int(iterations))
+
+
+def sinkhorn_col_lse(scores, inv_epsilon: float, f):
+    """Per-sample (max, sum) of one log-domain half step; see cl_fast/swav.py."""
+    return _ops.sinkhorn_col_lse(scores, float(inv_epsilon), f)
+
+
+def sinkhorn_assign(scores, inv_epsilon: float, f):
+    """The final (B, K) fp32 assignment from the prototype scaling f."""
+    return _ops.sinkhorn_assign(scores, float(inv_epsilon), f)

@@ -1,8 +1,9 @@
-"""Which backend runs: the one place that decides.
+"""Which backend runs: the one place that decides, for every op family.
 
-A fused backend is a module with the four functions of DESIGN.md's interface
-(ntxent_fwd, ntxent_bwd, cross_fwd, cross_bwd); adding one is one entry in _MODULES.
-"torch" is the pure-PyTorch reference and has no module here (it is autograd all the way).
+A fused backend of an op family is a module holding that family's launchers (for the InfoNCE
+family, DESIGN.md's interface: ntxent_fwd, ntxent_bwd, cross_fwd, cross_bwd). Adding a backend
+is one module and one entry in _MODULES. "torch" is the pure-PyTorch reference and has no module
+here (it is autograd all the way).
 """
 from __future__ import annotations
 
@@ -15,35 +16,37 @@ import torch
 BACKENDS = ("auto", "torch", "triton", "cpu", "cuda")
 ENV_VAR = "CL_FAST_BACKEND"
 
-# backend name -> module implementing DESIGN.md's interface
+# op family -> backend -> the module with that family's launchers
 _MODULES = {
-    "triton": "triton_kernels.infonce",
-    "cpu": "cl_fast._cpu_backend",
-    "cuda": "cl_fast._cuda_backend",
+    "infonce": {"cuda": "cl_fast._cuda_backend", "triton": "triton_kernels.infonce", "cpu": "cl_fast._cpu_backend"},
+    "moco": {"triton": "triton_kernels.moco", "cpu": "cl_fast._cpu_backend"},
+    "byol": {"triton": "triton_kernels.byol", "cpu": "cl_fast._cpu_backend"},
+    "sinkhorn": {"triton": "triton_kernels.sinkhorn", "cpu": "cl_fast._cpu_backend"},
 }
+# "auto" on a device tries these, first available wins
+_PREFERENCE = {"cuda": ("cuda", "triton"), "cpu": ("cpu",)}
 
 
 def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _try_import(backend: str):
+def _try_import(name: str):
     try:
-        return importlib.import_module(_MODULES[backend])
+        return importlib.import_module(name)
     except (ImportError, OSError, RuntimeError):
         return None
 
 
 # Imported once, here: torch.compile traces resolve() and cannot trace an import.
-_LOADED = {name: _try_import(name) for name in _MODULES}
+_LOADED = {
+    op: {backend: _try_import(name) for backend, name in table.items()} for op, table in _MODULES.items()
+}
 
 
-def _importable(backend: str) -> bool:
-    return _LOADED[backend] is not None
-
-
-def module(backend: str):
-    return _LOADED[backend]
+def module(backend: str, op: str = "infonce"):
+    """The module holding `op`'s launchers for `backend` (None where it did not import)."""
+    return _LOADED[op].get(backend)
 
 
 def _runs_on(backend: str, device: torch.device) -> bool:
@@ -58,34 +61,34 @@ def _runs_on(backend: str, device: torch.device) -> bool:
     return False
 
 
-def backends() -> list[str]:
-    """The backends usable on this machine (with this environment), fastest fused first."""
-    found = []
-    if _importable("cuda") and torch.cuda.is_available():
-        found.append("cuda")
-    if _importable("triton") and (torch.cuda.is_available() or triton_interpreted()):
-        found.append("triton")
-    if _importable("cpu"):
-        found.append("cpu")
-    found.append("torch")
-    return found
+def backends(op: str = "infonce", device: torch.device | str | None = None) -> list[str]:
+    """The backends usable here for `op` (on tensors of `device`, if given), fused ones first."""
+    found = [name for name in _MODULES[op] if module(name, op) is not None]
+    if "cuda" in found and not torch.cuda.is_available():
+        found.remove("cuda")
+    if "triton" in found and not (torch.cuda.is_available() or triton_interpreted()):
+        found.remove("triton")
+    if device is not None:
+        found = [name for name in found if _runs_on(name, torch.device(device))]
+    return found + ["torch"]
 
 
-def max_dim(backend: str) -> int | None:
+def max_dim(backend: str, op: str = "infonce") -> int | None:
     """The largest feature dimension D a fused backend's kernels take (None: no limit)."""
-    return getattr(module(backend), "MAX_DIM", None)
+    return getattr(module(backend, op), "MAX_DIM", None)
 
 
-def resolve(backend: str, device: torch.device, dtype: torch.dtype, dim: int | None = None) -> str:
-    """Turn the user's `backend=` into the concrete backend for (., dim) tensors on `device`.
+def resolve(backend: str, device: torch.device, dtype: torch.dtype, dim: int | None = None, op: str = "infonce") -> str:
+    """Turn the user's `backend=` into the concrete backend of `op` for (., dim) tensors on `device`.
 
-    "auto" falls back to the reference (with a warning) when D is beyond the fused kernels;
-    an explicit fused backend raises instead.
+    "auto" (or the CL_FAST_BACKEND environment variable) picks the fastest fused backend for the
+    device, the reference for float64 or where none is built, and falls back to the reference
+    (with a warning) when D is beyond the fused kernels; an explicit fused backend raises instead.
     """
-    chosen = _resolve(backend, device, dtype)
+    chosen = _resolve(backend, device, dtype, op)
     if chosen == "torch" or dim is None:
         return chosen
-    limit = max_dim(chosen)
+    limit = max_dim(chosen, op)
     if limit is not None and dim > limit:
         if backend == "auto" and os.environ.get(ENV_VAR, "auto") in ("", "auto"):
             warnings.warn(f"D={dim} exceeds the {chosen} kernels' limit of {limit}; using the reference backend")
@@ -94,28 +97,30 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype, dim: int | N
     return chosen
 
 
-def _resolve(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+def _resolve(backend: str, device: torch.device, dtype: torch.dtype, op: str) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         backend = os.environ.get(ENV_VAR, "auto") or "auto"
         if backend not in BACKENDS:
             raise ValueError(f"environment variable {ENV_VAR} must be one of {BACKENDS}, got {backend!r}")
+        if backend not in _MODULES[op] and backend != "torch":
+            backend = "auto"  # the override names a backend this op family has no kernel for
     if backend == "auto":
         if dtype == torch.float64:
             return "torch"  # the fused kernels are fp32/fp16/bf16; float64 gets the exact reference
-        preference = ("cuda", "triton") if device.type == "cuda" else ("cpu",)
-        for name in preference:
-            if name in backends():
-                return name
-        return "torch"
+        here = backends(op, device)
+        return next((name for name in _PREFERENCE.get(device.type, ()) if name in here), "torch")
     if backend == "torch":
         return backend
+    if backend not in _MODULES[op]:
+        options = ", ".join(f"backend={name!r}" for name in _MODULES[op])
+        raise ValueError(f"backend={backend!r} has no {op} kernel; use {options}, 'torch' or 'auto'")
     if dtype == torch.float64:
         raise TypeError(f"backend={backend!r} takes float32, float16 or bfloat16 inputs, got float64")
     if not _runs_on(backend, device):
         hint = " (set TRITON_INTERPRET=1 to run Triton on CPU tensors)" if backend == "triton" else ""
         raise ValueError(f"backend={backend!r} cannot run on {device.type} tensors{hint}")
-    if not _importable(backend):
-        raise ValueError(f"backend={backend!r} is not available here; available: {backends()}")
+    if module(backend, op) is None:
+        raise ValueError(f"backend={backend!r} is not available here; available: {backends(op)}")
     return backend

@@ -101,10 +101,15 @@ class Op:
     backward: bool = True
     fixed_rows: tuple[int, ...] | None = None  # default sizes when the op's size is not the batch
     shows_dim: bool = True
-    fused: tuple[str, ...] = FUSED  # the fused backends this op has kernels for
+    family: str = "infonce"  # the op family in cl_fast._dispatch (which fused backends have kernels)
     module: str = "losses"  # cl_fast.<module> holds the public function (when cl_fast does not export it)
     # eager baselines besides the reference: table name -> function in cl_fast.reference
     upstream: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def fused(self) -> tuple[str, ...]:
+        """The fused backends this op has kernels for."""
+        return tuple(_dispatch._MODULES[self.family])
 
     @property
     def backends(self) -> tuple[str, ...]:
@@ -166,11 +171,11 @@ OPS = {
         Op("info_nce", _info_nce_inputs, lambda s: f"N={s.rows}", lambda s: s.rows**2),
         Op("clip_loss", _clip_inputs, lambda s: f"N={s.rows}", lambda s: s.rows**2),
         Op("moco_loss", _moco_inputs, lambda s: f"N={s.rows} K={s.queue}", lambda s: s.rows * (s.queue + 1),
-           fixed_rows=(256,), fused=("triton", "cpu"), module="moco"),
+           fixed_rows=(256,), family="moco", module="moco"),
         Op("sinkhorn", _sinkhorn_inputs, lambda s: f"B={s.rows} K={s.prototypes}", lambda s: s.rows * s.prototypes,
-           backward=False, fixed_rows=(4096,), shows_dim=False, fused=("triton", "cpu"), module="swav",
+           backward=False, fixed_rows=(4096,), shows_dim=False, family="sinkhorn", module="swav",
            upstream=(("swav", "sinkhorn_plain"),)),  # facebookresearch/swav's formula, as written there
-        Op("byol_loss", _byol_inputs, lambda s: f"N={s.rows}", lambda s: s.rows * s.dim, fused=("triton", "cpu"),
+        Op("byol_loss", _byol_inputs, lambda s: f"N={s.rows}", lambda s: s.rows * s.dim, family="byol",
            module="byol"),
     )
 }
@@ -195,12 +200,8 @@ def _upstream_name(op: Op, backend: str) -> str | None:
 
 
 def _op_backends_here(op: Op, device: torch.device) -> list[str]:
-    """The fused backends of `op` importable here: the op module's `<op>_backends(device)` where it
-    has one (sinkhorn), else cl_fast.backends() restricted to the op's kernels."""
-    public = public_fn(op)
-    listing = getattr(sys.modules.get(getattr(public, "__module__", ""), None), f"{op.name}_backends", None)
-    found = listing(device) if callable(listing) else cl_fast.backends()
-    return [b for b in found if b in op.fused]
+    """The fused backends of `op` importable here (cl_fast.backends of its op family)."""
+    return [b for b in cl_fast.backends(op.family, device) if b in op.fused]
 
 
 _RUNS_ON = {

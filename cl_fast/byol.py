@@ -16,29 +16,19 @@ Every fused backend provides
 """
 from __future__ import annotations
 
-import importlib
-import types
 
 import torch
 from torch import Tensor, nn
 
-from . import _checks, _ops, reference
-from .moco import resolve_backend
+from . import _checks, _dispatch, _ops, reference
 
 __all__ = ["byol_loss", "BYOLLoss"]
-
-
-def _kernels(backend: str):
-    if backend == "triton":
-        return importlib.import_module("triton_kernels.byol")
-    ops = torch.ops.cl_fast_C
-    return types.SimpleNamespace(byol_fwd=ops.byol_fwd, byol_bwd=ops.byol_bwd)
 
 
 # ------------------------------------------------------------------------------ custom ops
 def _byol_fwd_impl(p: Tensor, z: Tensor, backend: str) -> tuple[Tensor, Tensor]:
     """(loss (N,), stats (N, 3)), fp32."""
-    return tuple(_kernels(backend).byol_fwd(p.contiguous(), z.contiguous()))
+    return tuple(_dispatch.module(backend, "byol").byol_fwd(p.contiguous(), z.contiguous()))
 
 
 byol_fwd = _ops.define("byol_fwd", _byol_fwd_impl)
@@ -52,7 +42,7 @@ def _(p, z, backend):
 def _byol_bwd_impl(grad: Tensor, p: Tensor, z: Tensor, stats: Tensor, need_dz: bool, backend: str) -> tuple[Tensor, Tensor]:
     """(dp, dz) in p's dtype; dz is (0, D) unless need_dz."""
     return tuple(
-        _kernels(backend).byol_bwd(grad.contiguous(), p.contiguous(), z.contiguous(), stats.contiguous(), need_dz)
+        _dispatch.module(backend, "byol").byol_bwd(grad.contiguous(), p.contiguous(), z.contiguous(), stats.contiguous(), need_dz)
     )
 
 
@@ -91,7 +81,7 @@ def byol_loss(p: Tensor, z: Tensor, *, reduction: str = "mean", backend: str = "
     """
     _checks.check_pair("p", p, "z", z)
     _checks.check_reduction(reduction)
-    backend = resolve_backend("byol_loss", backend, p.device, p.dtype)
+    backend = _dispatch.resolve(backend, p.device, p.dtype, op="byol")
     if backend == "torch":
         return reference.byol_loss(p, z, reduction=reduction)
     loss, _ = byol_fwd(p, z, backend)

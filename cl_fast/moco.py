@@ -21,9 +21,7 @@ fused backend provides
 """
 from __future__ import annotations
 
-import importlib
 import numbers
-import types
 
 import torch
 import torch.distributed as dist
@@ -38,39 +36,13 @@ __all__ = ["moco_loss", "queue_update_", "MoCoQueue"]
 _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-# ------------------------------------------------------------------------------ backend choice
-def _cpu_kernels():
-    ops = torch.ops.cl_fast_C
-    return types.SimpleNamespace(
-        moco_fwd=lambda q, k, queue, scale, need_grad: ops.moco_fwd(q, k, queue, float(scale), bool(need_grad)),
-        queue_update_=ops.moco_queue_update_,
-    )
-
-
-def _kernels(backend: str):
-    if backend == "triton":
-        return importlib.import_module("triton_kernels.moco")
-    return _cpu_kernels()
-
-
-def resolve_backend(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    """_dispatch.resolve's rules for ops that have Triton and CPU kernels but no CUDA C++ one:
-    where "auto" (or CL_FAST_BACKEND) would pick "cuda", "triton" runs; an explicit "cuda" is an error."""
-    if backend == "cuda":
-        raise ValueError(f"{op} has no CUDA C++ kernel; on a GPU use backend='triton' (or 'auto')")
-    chosen = _dispatch.resolve(backend, device, dtype)
-    if chosen == "cuda":
-        chosen = "triton" if "triton" in _dispatch.backends() else "torch"
-    return chosen
-
-
 # ------------------------------------------------------------------------------ custom ops
 def _moco_fwd_impl(
     q: Tensor, k: Tensor, queue: Tensor, scale: Tensor, need_grad: bool, backend: str
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(loss (N,), e (N, D), c (N,)), fp32; e and c are empty ((0, D), (0,)) without need_grad."""
     return tuple(
-        _kernels(backend).moco_fwd(q.contiguous(), k.contiguous(), queue.contiguous(), float(scale.detach()), need_grad)
+        _dispatch.module(backend, "moco").moco_fwd(q.contiguous(), k.contiguous(), queue.contiguous(), float(scale.detach()), need_grad)
     )
 
 
@@ -111,7 +83,7 @@ moco_fwd.register_autograd(_moco_backward, setup_context=_moco_setup)
 @torch.library.custom_op("cl_fast::queue_update_", mutates_args=("queue", "ptr"))
 def _queue_update_op(queue: Tensor, keys: Tensor, ptr: Tensor, backend: str) -> None:
     """queue[(ptr + b) % K] = n(keys_b) (queue's dtype); ptr <- (ptr + B) % K. Both in place."""
-    _kernels(backend).queue_update_(queue, keys.contiguous(), ptr)
+    _dispatch.module(backend, "moco").queue_update_(queue, keys.contiguous(), ptr)
 
 
 @_queue_update_op.register_fake
@@ -177,7 +149,7 @@ def moco_loss(
     dtype = torch.float64 if torch.float64 in (q.dtype, queue.dtype) else q.dtype
     if dtype == torch.float64 and q.dtype != torch.float64 and backend not in ("auto", "torch"):
         raise TypeError(f"backend={backend!r} takes a float32, float16 or bfloat16 queue, got float64")
-    backend = resolve_backend("moco_loss", backend, q.device, dtype)
+    backend = _dispatch.resolve(backend, q.device, dtype, op="moco")
     if backend == "torch":
         return reference.moco_loss(q, k, queue, temperature, reduction=reduction)
     scale = _scale_tensor(temperature, True, q.device)
@@ -196,7 +168,7 @@ def queue_update_(queue: Tensor, keys: Tensor, ptr, *, backend: str = "auto"):
     _check_enqueue(queue, keys)
     _check_ptr(ptr, queue.shape[0], queue.device)
     dtype = torch.float64 if torch.float64 in (queue.dtype, keys.dtype) else queue.dtype
-    backend = resolve_backend("queue_update_", backend, queue.device, dtype)
+    backend = _dispatch.resolve(backend, queue.device, dtype, op="moco")
     keys = keys.detach()
     if backend == "torch":
         return reference.queue_update_(queue, keys, ptr)

@@ -24,10 +24,7 @@ even when a default process group exists: pass `torch.distributed.group.WORLD` t
 """
 from __future__ import annotations
 
-import importlib
 import numbers
-import os
-import types
 from typing import Optional, Sequence
 
 import torch
@@ -37,91 +34,13 @@ from torch import Tensor, nn
 
 from . import _checks, _dispatch, _ops, reference
 
-__all__ = ["sinkhorn", "swav_loss", "SwAVLoss", "SwaVLoss", "sinkhorn_backends"]
-
-
-# ------------------------------------------------------------------------------ backend choice
-def _cpu_kernels():
-    ops = torch.ops.cl_fast_C
-    return types.SimpleNamespace(
-        sinkhorn=ops.sinkhorn, sinkhorn_col_lse=ops.sinkhorn_col_lse, sinkhorn_assign=ops.sinkhorn_assign
-    )
-
-
-def _probe(backend: str) -> bool:
-    if backend == "triton":
-        try:
-            importlib.import_module("triton_kernels.sinkhorn")
-        except (ImportError, OSError, RuntimeError):
-            return False
-        return True
-    if backend == "cpu":
-        try:
-            importlib.import_module("cl_fast._C")
-        except (ImportError, OSError):
-            pass  # the op may still have been registered by another library load
-        return hasattr(torch.ops.cl_fast_C, "sinkhorn")
-    return False
-
-
-_AVAILABLE: dict[str, bool] = {}
-
-
-@torch.compiler.assume_constant_result  # torch.compile calls it instead of tracing the imports
-def _available(backend: str) -> bool:
-    if backend not in _AVAILABLE:
-        _AVAILABLE[backend] = _probe(backend)
-    return _AVAILABLE[backend]
-
-
-def _kernels(backend: str):
-    if backend == "triton":
-        return importlib.import_module("triton_kernels.sinkhorn")
-    return _cpu_kernels()
-
-
-def sinkhorn_backends(device: torch.device | str = "cpu") -> list[str]:
-    """The backends that can run `sinkhorn` on tensors of `device` here, fused first."""
-    device = torch.device(device)
-    found = [name for name in ("triton", "cpu") if _available(name) and _dispatch._runs_on(name, device)]
-    return found + ["torch"]
-
-
-def _resolve(backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    """_dispatch.resolve's rules for this op's backends (no "cuda" kernel: a GPU gets "triton")."""
-    if backend not in _dispatch.BACKENDS:
-        raise ValueError(f"backend must be one of {_dispatch.BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        backend = os.environ.get(_dispatch.ENV_VAR, "auto") or "auto"
-        if backend not in _dispatch.BACKENDS:
-            raise ValueError(
-                f"environment variable {_dispatch.ENV_VAR} must be one of {_dispatch.BACKENDS}, got {backend!r}"
-            )
-        if backend == "cuda":
-            backend = "triton"
-    if backend == "auto":
-        if dtype == torch.float64:
-            return "torch"
-        preference = "triton" if device.type == "cuda" else "cpu"
-        return preference if preference in sinkhorn_backends(device) else "torch"
-    if backend == "torch":
-        return backend
-    if backend == "cuda":
-        raise ValueError("sinkhorn has no CUDA C++ kernel; on a GPU use backend='triton' (or 'auto')")
-    if dtype == torch.float64:
-        raise TypeError(f"backend={backend!r} takes float32, float16 or bfloat16 scores, got float64")
-    if not _dispatch._runs_on(backend, device):
-        hint = " (set TRITON_INTERPRET=1 to run Triton on CPU tensors)" if backend == "triton" else ""
-        raise ValueError(f"backend={backend!r} cannot run on {device.type} tensors{hint}")
-    if not _available(backend):
-        raise ValueError(f"backend={backend!r} is not available here; available: {sinkhorn_backends(device)}")
-    return backend
+__all__ = ["sinkhorn", "swav_loss", "SwAVLoss", "SwaVLoss"]
 
 
 # ------------------------------------------------------------------------------ custom ops
 def _sinkhorn_impl(scores: Tensor, epsilon: float, iterations: int, backend: str) -> Tensor:
     """The fused single-process assignment, (B, K) fp32."""
-    return _kernels(backend).sinkhorn(scores.contiguous(), 1.0 / epsilon, iterations)
+    return _dispatch.module(backend, "sinkhorn").sinkhorn(scores.contiguous(), 1.0 / epsilon, iterations)
 
 
 _sinkhorn_op = _ops.define("sinkhorn", _sinkhorn_impl)
@@ -136,7 +55,7 @@ def _col_lse_impl(scores: Tensor, epsilon: float, f: Optional[Tensor], backend: 
     """Per-prototype (max, sum exp(. - max)) of scores / eps + g over this process's rows,
     g_b = -lse_k(scores_bk / eps + f_k) (g = 0 without f)."""
     f = None if f is None else f.contiguous()
-    return tuple(_kernels(backend).sinkhorn_col_lse(scores.contiguous(), 1.0 / epsilon, f))
+    return tuple(_dispatch.module(backend, "sinkhorn").sinkhorn_col_lse(scores.contiguous(), 1.0 / epsilon, f))
 
 
 _col_lse_op = _ops.define("sinkhorn_col_lse", _col_lse_impl)
@@ -150,7 +69,7 @@ def _(scores, epsilon, f, backend):
 
 def _assign_impl(scores: Tensor, epsilon: float, f: Tensor, backend: str) -> Tensor:
     """softmax_k(scores / eps + f), (B, K) fp32."""
-    return _kernels(backend).sinkhorn_assign(scores.contiguous(), 1.0 / epsilon, f.contiguous())
+    return _dispatch.module(backend, "sinkhorn").sinkhorn_assign(scores.contiguous(), 1.0 / epsilon, f.contiguous())
 
 
 _assign_op = _ops.define("sinkhorn_assign", _assign_impl)
@@ -219,7 +138,7 @@ def sinkhorn(
     epsilon = _as_float("epsilon", epsilon, scores.device)
     _check_iterations(iterations)
     _check_group(group)
-    backend = _resolve(backend, scores.device, scores.dtype)
+    backend = _dispatch.resolve(backend, scores.device, scores.dtype, op="sinkhorn")
     scores = scores.detach()
     if backend == "torch" or iterations == 0:
         return reference.sinkhorn(scores, epsilon, iterations, group=group)
@@ -294,7 +213,7 @@ def swav_loss(
     sinkhorn_epsilon = _as_float("sinkhorn_epsilon", sinkhorn_epsilon, high[0].device)
     _check_iterations(sinkhorn_iterations)
     _check_group(group)
-    backend = _resolve(backend, high[0].device, high[0].dtype)
+    backend = _dispatch.resolve(backend, high[0].device, high[0].dtype, op="sinkhorn")
     if backend == "torch":
         return reference.swav_loss(
             high, low, queue, temperature=temperature, sinkhorn_iterations=sinkhorn_iterations,

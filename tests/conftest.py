@@ -17,18 +17,18 @@ RTOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 2e-2}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-def fused_backend_params(names=("triton", "cpu", "cuda")):
-    """pytest params for the fused backends; those that cannot run here are skipped with the reason."""
+def fused_backend_params(op="infonce"):
+    """pytest params for `op`'s fused backends; those that cannot run here are skipped with the reason."""
     params = []
-    for name in names:
+    for name in _dispatch._MODULES[op]:
         marks = []
-        if name not in cl_fast.backends() or not _dispatch._runs_on(name, DEVICE):
+        if name not in cl_fast.backends(op, DEVICE):
             why = {
                 "triton": "needs triton with a CUDA GPU or TRITON_INTERPRET=1",
                 "cpu": "needs cl_fast._C built and CPU tensors",
                 "cuda": "needs a CUDA GPU and the CUDA build of cl_fast._C",
             }[name]
-            marks.append(pytest.mark.skip(reason=f"backend {name!r} {why}"))
+            marks.append(pytest.mark.skip(reason=f"{op} backend {name!r} {why}"))
         params.append(pytest.param(name, marks=marks, id=name))
     return params
 

@@ -19,7 +19,7 @@ from cl_fast import moco, reference
 from cl_fast.moco import MoCoQueue, moco_loss, queue_update_
 from conftest import DEVICE, RTOL, fused_backend_params, randn, rel_err
 
-FUSED = fused_backend_params(("triton", "cpu"))
+FUSED = fused_backend_params("moco")
 BACKENDS = [pytest.param("torch", id="torch")] + FUSED
 
 # (N, D, K): one row, ragged everything, K below / above the tile widths. (A single row against a

@@ -47,7 +47,7 @@ def _worker(rank: int, init_file: str, backend: str, result_dir: str) -> None:
         raise
 
 
-@pytest.mark.parametrize("backend", [pytest.param("torch", id="torch")] + fused_backend_params(("triton", "cpu")))
+@pytest.mark.parametrize("backend", [pytest.param("torch", id="torch")] + fused_backend_params("moco"))
 def test_distributed_queue_equals_single_process_on_concatenated_batch(backend, tmp_path):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("needs torch.distributed with the gloo backend")

@@ -12,26 +12,18 @@ import math
 import pytest
 import torch
 
-from cl_fast import reference, swav
-from conftest import DEVICE, DTYPES, RTOL, randn, rel_err
+import cl_fast
+from cl_fast import _dispatch, reference, swav
+from conftest import DEVICE, DTYPES, RTOL, fused_backend_params, randn, rel_err
 
 
-def backend_params(names=("torch", "triton", "cpu")):
-    params = []
-    for name in names:
-        marks = []
-        if name not in swav.sinkhorn_backends(DEVICE):
-            why = {
-                "triton": "needs triton with a CUDA GPU or TRITON_INTERPRET=1",
-                "cpu": "needs cl_fast._C built (with csrc/cpu/sinkhorn_cpu.cpp) and CPU tensors",
-            }[name]
-            marks.append(pytest.mark.skip(reason=f"sinkhorn backend {name!r} {why}"))
-        params.append(pytest.param(name, marks=marks, id=name))
-    return params
+BACKENDS = [pytest.param("torch", id="torch")] + fused_backend_params("sinkhorn")
+FUSED = fused_backend_params("sinkhorn")
 
 
-BACKENDS = backend_params()
-FUSED = backend_params(("triton", "cpu"))
+def only(*names):
+    return [param for param in BACKENDS if param.id in names]
+
 # (B, K): 1 x 1, odd sizes below one tile, and sizes crossing the Triton tiles (8 rows x 32
 # prototypes under the interpreter) and the CPU row chunk (128) and vector width (8).
 SHAPES = [(1, 1), (2, 3), (7, 5), (37, 19), (130, 67)]
@@ -167,7 +159,7 @@ def test_detached_from_autograd(backend, gen):
     assert not out.requires_grad and out.grad_fn is None
 
 
-@pytest.mark.parametrize("backend", backend_params(("cpu",)))
+@pytest.mark.parametrize("backend", only("cpu"))
 def test_cpu_result_independent_of_thread_count(backend, gen):
     """Rows are split into fixed chunks, not per thread: the same bits with 1 or 2 threads."""
     scores = randn(300, 41, generator=gen)
@@ -183,11 +175,11 @@ def test_cpu_result_independent_of_thread_count(backend, gen):
 
 
 def test_auto_backend_choice():
-    fused = [b for b in swav.sinkhorn_backends(DEVICE) if b != "torch"]
-    chosen = swav._resolve("auto", DEVICE, torch.float32)
+    fused = [b for b in cl_fast.backends("sinkhorn", DEVICE) if b != "torch"]
+    chosen = _dispatch.resolve("auto", DEVICE, torch.float32, op="sinkhorn")
     expected = "triton" if DEVICE.type == "cuda" else "cpu"
     assert chosen == (expected if expected in fused else "torch")
-    assert swav._resolve("auto", DEVICE, torch.float64) == "torch"
+    assert _dispatch.resolve("auto", DEVICE, torch.float64, op="sinkhorn") == "torch"
 
 
 @pytest.mark.parametrize("backend", FUSED)
@@ -207,7 +199,7 @@ def _cpu_allocations(fn):
     return sorted((e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage > 0), reverse=True)
 
 
-@pytest.mark.parametrize("backend", backend_params(("torch", "cpu")))
+@pytest.mark.parametrize("backend", only("torch", "cpu"))
 def test_no_batch_by_prototype_intermediate_on_cpu(backend, gen):
     """The fused kernel's only (B, K) allocation is its output; the reference makes several."""
     batch, protos = 300, 257
@@ -222,7 +214,7 @@ def test_no_batch_by_prototype_intermediate_on_cpu(backend, gen):
 
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="measures CUDA memory; needs a GPU")
-@pytest.mark.parametrize("backend", backend_params(("triton",)))
+@pytest.mark.parametrize("backend", only("triton"))
 def test_no_batch_by_prototype_intermediate_on_gpu(backend, gen):
     batch, protos = 4096, 3000
     scores = randn(batch, protos, generator=gen)

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import cl_fast
 from cl_fast import _dispatch, reference, swav
 from conftest import RTOL, rel_err
 
@@ -37,7 +38,7 @@ def _runnable(backend: str) -> str | None:
         return None
     if backend == "triton" and not (_dispatch.triton_interpreted() or torch.cuda.is_available()):
         return "needs triton with a CUDA GPU or TRITON_INTERPRET=1"
-    if backend not in swav.sinkhorn_backends(_device_for(backend)):
+    if backend not in cl_fast.backends("sinkhorn", _device_for(backend)):
         return "is not available here" if backend == "triton" else "needs cl_fast._C built with sinkhorn_cpu.cpp"
     return None
 
