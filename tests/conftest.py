@@ -40,6 +40,14 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((actual - expected).abs().max() / scale)
 
 
+def backward_with_random_weights(loss, expected, gen):
+    """Backpropagate sum(w * loss) through the tested loss and its float64 reference, w a fresh
+    random positive weight per element: exercises per-row upstream gradients, not just the mean."""
+    upstream = torch.rand(expected.shape, generator=gen, dtype=torch.float64) + 0.5
+    (loss * upstream.to(loss.device, loss.dtype)).sum().backward()
+    (expected * upstream).sum().backward()
+
+
 def randn(*shape, dtype=torch.float32, generator=None, requires_grad=False):
     x = torch.randn(*shape, generator=generator, dtype=torch.float32).to(device=DEVICE, dtype=dtype)
     return x.requires_grad_(requires_grad)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import cl_fast
 from cl_fast import byol, reference
 from cl_fast.byol import BYOLLoss, byol_loss
-from conftest import DEVICE, RTOL, fused_backend_params, randn, rel_err
+from conftest import DEVICE, RTOL, backward_with_random_weights, fused_backend_params, randn, rel_err
 
 FUSED = fused_backend_params("byol")
 BACKENDS = [pytest.param("torch", id="torch")] + FUSED
@@ -34,9 +34,7 @@ def check_against_float64(backend, p, z, reduction, z_grad, gen):
     p64 = p.detach().double().requires_grad_()
     z64 = z.detach().double().requires_grad_(z_grad)
     expected = reference.byol_loss(p64, z64, reduction=reduction)
-    upstream = torch.rand(expected.shape, generator=gen, dtype=torch.float64) + 0.5
-    (loss * upstream.to(loss.device, loss.dtype)).sum().backward()
-    (expected * upstream).sum().backward()
+    backward_with_random_weights(loss, expected, gen)
     tol = RTOL[dtype]
     assert loss.dtype == torch.float32
     assert rel_err(loss, expected) < tol, "loss"

@@ -10,7 +10,7 @@ import torch
 
 import cl_fast
 from cl_fast import reference
-from conftest import DEVICE, RTOL, fused_backend_params, randn, rel_err
+from conftest import DEVICE, RTOL, backward_with_random_weights, fused_backend_params, randn, rel_err
 
 BACKENDS = [pytest.param("torch", id="torch")] + fused_backend_params()
 NS = [2, 3, 17, 64, 129]
@@ -66,10 +66,7 @@ def check_against_float64(name, backend, n, d, dtype, gen, scale_arg, reduction=
     s64 = scale_arg.detach().double().requires_grad_() if scale_grad else scale_arg
     expected = reference_loss(name, a64, b64, s64, reduction)
 
-    # a random positive upstream gradient exercises per-row weights, not just the mean
-    upstream = torch.rand(expected.shape, generator=gen, dtype=torch.float64) + 0.5
-    (loss * upstream.to(loss.device, loss.dtype)).sum().backward()
-    (expected * upstream).sum().backward()
+    backward_with_random_weights(loss, expected, gen)
 
     tol = RTOL[dtype]
     assert rel_err(loss, expected) < tol, "loss"

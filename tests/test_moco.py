@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import cl_fast
 from cl_fast import moco, reference
 from cl_fast.moco import MoCoQueue, moco_loss, queue_update_
-from conftest import DEVICE, RTOL, fused_backend_params, randn, rel_err
+from conftest import DEVICE, RTOL, backward_with_random_weights, fused_backend_params, randn, rel_err
 
 FUSED = fused_backend_params("moco")
 BACKENDS = [pytest.param("torch", id="torch")] + FUSED
@@ -54,10 +54,7 @@ def check_against_float64(backend, q, k, queue, temperature, reduction, gen):
     t = torch.tensor(temperature, device=DEVICE, requires_grad=True)
     loss = moco_loss(q, k, queue, t, reduction=reduction, backend=backend)
     expected, q64, t64 = float64_reference(q, k, queue, temperature, reduction)
-    # a random positive upstream gradient exercises per-row weights, not just the mean
-    upstream = torch.rand(expected.shape, generator=gen, dtype=torch.float64) + 0.5
-    (loss * upstream.to(loss.device, loss.dtype)).sum().backward()
-    (expected * upstream).sum().backward()
+    backward_with_random_weights(loss, expected, gen)
     tol = RTOL[dtype]
     assert loss.dtype == torch.float32
     assert rel_err(loss, expected) < tol, "loss"
