@@ -10,14 +10,16 @@ TORCH_SPEC ?= torch==2.13.*
 # Triton's interpreter runs the Triton kernels on CPU tensors for the tests.
 export TRITON_INTERPRET ?= 1
 
-.PHONY: venv build test run bench clean
+.PHONY: venv build test run clean
 
 $(VENV)/.deps: requirements-dev.txt
-	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip setuptools wheel
-	@if $(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then \
-		echo "using the CUDA-enabled torch already installed"; \
+	@if $(PYTHON) -c "import sys, torch; sys.exit(0 if torch.version.cuda else 1)" 2>/dev/null; then \
+		echo "reusing the CUDA-enabled torch of $(PYTHON) (venv with system site-packages)"; \
+		$(PYTHON) -m venv --system-site-packages $(VENV); \
+		$(PIP) install -q --upgrade pip setuptools wheel; \
 	else \
+		$(PYTHON) -m venv $(VENV); \
+		$(PIP) install -q --upgrade pip setuptools wheel; \
 		$(PIP) install -q "$(TORCH_SPEC)"; \
 	fi
 	$(PIP) install -q -r requirements-dev.txt
