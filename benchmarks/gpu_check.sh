@@ -95,7 +95,8 @@ build() {
 tests() {
     local timeout_args=()
     "$PY" -c "import pytest_timeout" 2>/dev/null && timeout_args=(--timeout "$TEST_TIMEOUT")
-    "$PY" -m pytest -q -x -rs -p no:cacheprovider "${timeout_args[@]}" tests
+    # one tile config per dtype in the tests (CL_FAST_AUTOTUNE=0): many widths D, each a compile
+    CL_FAST_AUTOTUNE=0 "$PY" -m pytest -q -x -rs -p no:cacheprovider "${timeout_args[@]}" tests
 }
 
 bench() {

@@ -92,11 +92,17 @@ _INTERPRET_SHAPE = (32, 64, 4, 1)
 _CONFIG_DTYPE = {}  # id(config) -> "fp32" / "half", read by the pruning
 
 
+# CL_FAST_AUTOTUNE=0 keeps only the first config of each dtype class: no tuning sweep, one compile
+# per (D, dtype) - what a test run over many widths wants on a GPU.
+_AUTOTUNE = os.environ.get("CL_FAST_AUTOTUNE", "1") != "0"
+
+
 def _tile_configs(kind, square):
     if _INTERPRET:
         shapes = [("fp32", _INTERPRET_SHAPE)]
     else:
-        shapes = [(cls, shape) for cls in ("fp32", "half") for shape in _TILE_SHAPES[kind, cls]]
+        count = None if _AUTOTUNE else 1
+        shapes = [(cls, shape) for cls in ("fp32", "half") for shape in _TILE_SHAPES[kind, cls][:count]]
     configs = []
     for dtype_class, (block, block_d, warps, stages) in shapes:
         meta = {"BLOCK": block} if square else {"BLOCK_M": block, "BLOCK_N": block}
