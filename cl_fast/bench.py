@@ -33,8 +33,6 @@ import ctypes
 import faulthandler
 import functools
 import gc
-import importlib
-import inspect
 import json
 import os
 import platform
@@ -102,7 +100,6 @@ class Op:
     fixed_rows: tuple[int, ...] | None = None  # default sizes when the op's size is not the batch
     shows_dim: bool = True
     family: str = "infonce"  # the op family in cl_fast._dispatch (which fused backends have kernels)
-    module: str = "losses"  # cl_fast.<module> holds the public function (when cl_fast does not export it)
     # eager baselines besides the reference: table name -> function in cl_fast.reference
     upstream: tuple[tuple[str, str], ...] = ()
 
@@ -171,32 +168,16 @@ OPS = {
         Op("info_nce", _info_nce_inputs, lambda s: f"N={s.rows}", lambda s: s.rows**2),
         Op("clip_loss", _clip_inputs, lambda s: f"N={s.rows}", lambda s: s.rows**2),
         Op("moco_loss", _moco_inputs, lambda s: f"N={s.rows} K={s.queue}", lambda s: s.rows * (s.queue + 1),
-           fixed_rows=(256,), family="moco", module="moco"),
+           fixed_rows=(256,), family="moco"),
         Op("sinkhorn", _sinkhorn_inputs, lambda s: f"B={s.rows} K={s.prototypes}", lambda s: s.rows * s.prototypes,
-           backward=False, fixed_rows=(4096,), shows_dim=False, family="sinkhorn", module="swav",
+           backward=False, fixed_rows=(4096,), shows_dim=False, family="sinkhorn",
            upstream=(("swav", "sinkhorn_plain"),)),  # facebookresearch/swav's formula, as written there
-        Op("byol_loss", _byol_inputs, lambda s: f"N={s.rows}", lambda s: s.rows * s.dim, family="byol",
-           module="byol"),
+        Op("byol_loss", _byol_inputs, lambda s: f"N={s.rows}", lambda s: s.rows * s.dim, family="byol"),
     )
 }
 # Bytes the reference needs per matrix element, measured at 2N = 4096..8192 (fp32 logits, their
 # masked copy, softmax and its gradient); used to skip sizes that cannot fit instead of crashing.
 REFERENCE_BYTES_PER_ELEM = {"torch": 20, "compile": 8, "swav": 12}
-
-
-def public_fn(op: Op):
-    """cl_fast.<op>, or cl_fast.<op.module>.<op> while the package does not export it; None if neither."""
-    fn = getattr(cl_fast, op.name, None)
-    if fn is None:
-        try:
-            fn = getattr(importlib.import_module(f"cl_fast.{op.module}"), op.name, None)
-        except ImportError:
-            return None
-    return fn
-
-
-def _upstream_name(op: Op, backend: str) -> str | None:
-    return dict(op.upstream).get(backend)
 
 
 def _op_backends_here(op: Op, device: torch.device) -> list[str]:
@@ -213,20 +194,10 @@ _RUNS_ON = {
 
 def unavailable_reason(op: Op, backend: str, device: torch.device, explicit: bool) -> str | None:
     """Why `backend` cannot run `op` on `device`, or None when it can (checked without running it)."""
-    public, ref = public_fn(op), getattr(reference, op.name, None)
-    if backend in dict(op.upstream):
-        name = _upstream_name(op, backend)
-        return None if hasattr(reference, name) else f"not available (no cl_fast.reference.{name})"
-    if backend == "compile":
-        return None if ref is not None else f"not available (no cl_fast.reference.{op.name} to compile)"
-    if public is None and (backend != "torch" or ref is None):
-        return f"not available (cl_fast.{op.name} does not exist yet)"
-    if backend == "torch":
+    if backend in ("torch", "compile") or backend in dict(op.upstream):
         return None
     if backend not in op.fused:
         return f"not available ({op.name} has no {backend} kernel)"
-    if public is not None and not _takes_backend(public):
-        return f"not available (cl_fast.{op.name} has no backend= argument)"
     if not _dispatch._runs_on(backend, device):
         return f"not available on {device.type} (runs on {_RUNS_ON[backend]})"
     here = _op_backends_here(op, device)
@@ -237,25 +208,13 @@ def unavailable_reason(op: Op, backend: str, device: torch.device, explicit: boo
     return None
 
 
-def _takes_backend(fn) -> bool:
-    try:
-        return "backend" in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 def loss_fn(op: Op, backend: str, dynamic: bool):
     """The callable that runs `op` on `backend`, taking the op's positional inputs."""
-    public, ref = public_fn(op), getattr(reference, op.name, None)
     if backend in dict(op.upstream):
-        return getattr(reference, _upstream_name(op, backend))
+        return getattr(reference, dict(op.upstream)[backend])
     if backend == "compile":
-        return torch.compile(ref, dynamic=dynamic)
-    if backend == "torch":
-        if public is not None and _takes_backend(public):
-            return functools.partial(public, backend="torch")
-        return ref if ref is not None else public
-    return functools.partial(public, backend=backend)
+        return torch.compile(getattr(reference, op.name), dynamic=dynamic)
+    return functools.partial(getattr(cl_fast, op.name), backend=backend)
 
 
 # --------------------------------------------------------------------------- memory measurement
