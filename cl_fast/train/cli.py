@@ -23,7 +23,7 @@ LOSS_BACKENDS = ("auto", "torch", "cpu", "triton", "cuda")
 # with --resume). (flag, type, default, help)
 COMMON_DEFAULTS = dict(
     weight_decay=1e-5, steps=None, data=None, image_size=None, seed=0, device="cpu", precision="fp32",
-    loss_backend="auto", width=None, hidden_dim=256, feature_dim=64, save_every=None, stop_at=None, knn_k=20,
+    loss_backend="auto", width=None, hidden_dim=256, feature_dim=64, save_every=None, stop_at=None, knn_k=20, threads=1,
 )
 METHOD_DEFAULTS = {
     "moco": dict(momentum=0.99, queue_size=4096),
@@ -154,7 +154,8 @@ def _add_method_parser(sub, method: str) -> argparse.ArgumentParser:
                         "cpu (fused C++), triton, cuda (default auto)")
     g.add_argument("--precision", choices=("fp32", "bf16"), help="fp32, or bf16 autocast for the networks (default fp32)")
     g.add_argument("--device", type=_device, help="cpu or cuda[:i] (default cpu)")
-    g.add_argument("--threads", type=_positive_int, metavar="N", help="torch.set_num_threads (default: torch's choice)")
+    g.add_argument("--threads", type=_positive_int, metavar="N", help="CPU threads (torch.set_num_threads; default 1: the small default model is fastest on one "
+                        "thread, and on a busy machine extra threads mostly wait for each other)")
 
     g = p.add_argument_group("model")
     g.add_argument("--width", type=_positive_int, help="encoder width: conv channels w, 2w, 4w, 4w; representation 4w (default 8 on digits, 32 otherwise)")
@@ -172,6 +173,7 @@ def _add_method_parser(sub, method: str) -> argparse.ArgumentParser:
     g.add_argument("--stop-at", type=_positive_int, metavar="STEP",
                    help="stop after this step with a checkpoint, as Ctrl-C does (the schedule still spans the whole run)")
     g.add_argument("--no-eval", dest="eval", action="store_false", default=None, help="skip the kNN / linear-probe evaluation")
+    g.add_argument("--no-plot", dest="plot", action="store_false", default=None, help="do not write loss_curve.png")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
     g.add_argument("--knn-k", type=_positive_int, metavar="K", help=f"neighbours of the kNN evaluation (default {d('knn_k')})")
     return p
@@ -216,9 +218,9 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser):
                 values[name] = _default(args.method, name)
     if values.get("width") is None:  # digits are easy: a narrow encoder, so random init is a weak baseline
         values["width"] = 8 if values.get("data") in (None, "digits") else 32
-    for flag in ("eval", "progress"):
+    for flag in ("eval", "progress", "plot"):
         if values.get(flag) is None:
-            values[flag] = saved.get(flag, True) if flag == "eval" else True
+            values[flag] = saved.get(flag, True) if flag != "progress" else True
     if values.get("out") is None:
         values["out"] = os.path.join("runs", args.method)
     if values["loss_backend"] not in ("auto", "torch"):
@@ -261,12 +263,18 @@ def run(argv=None, log=print):
     from .data import DataError
     from .loop import train
 
-    config, parser = parse(argv)
-    subparser = parser._subparsers._group_actions[0].choices[config.method]
+    import torch
+
+    threads = torch.get_num_threads()
     try:
-        return train(config, METHODS, log=log)
-    except (DataError, CheckpointError) as exc:
-        subparser.error(str(exc))
+        config, parser = parse(argv)
+        subparser = parser._subparsers._group_actions[0].choices[config.method]
+        try:
+            return train(config, METHODS, log=log)
+        except (DataError, CheckpointError) as exc:
+            subparser.error(str(exc))
+    finally:
+        torch.set_num_threads(threads)  # --threads applies to this run only
 
 
 def main(argv=None) -> int:

@@ -43,6 +43,7 @@ class RunConfig:
     stop_at: int | None
     eval: bool
     progress: bool
+    plot: bool
     knn_k: int
     method_config: MethodConfig = field(default_factory=lambda: MethodConfig(temperature=0.1))
 
@@ -247,7 +248,9 @@ def _report(result: RunResult, config: RunConfig, log) -> None:
             f"({trained['linear'] - init['linear']:+.1f} points)")
     if result.losses:
         log(f"first loss {result.losses[0]:.4f}, last loss {result.losses[-1]:.4f}")
-        plot = _plot(result, config)
+        written = [os.path.join(config.out, "checkpoint.pt"), os.path.join(config.out, "metrics.json")]
+        if config.plot:
+            written.insert(1, _plot(result, config))
         metrics = {
             "method": config.method, "loss_backend": config.method_config.loss_backend, "steps": result.steps_done,
             "total_steps": result.total_steps, "batch_size": config.batch_size, "train_seconds": result.train_seconds,
@@ -257,7 +260,7 @@ def _report(result: RunResult, config: RunConfig, log) -> None:
         }
         with open(os.path.join(config.out, "metrics.json"), "w") as f:
             json.dump(metrics, f, indent=1)
-        log(f"wrote {os.path.join(config.out, 'checkpoint.pt')}, {plot}, {os.path.join(config.out, 'metrics.json')}")
+        log(f"wrote {', '.join(written)}")
 
 
 def _plot(result: RunResult, config: RunConfig) -> str:
@@ -278,7 +281,7 @@ def _plot(result: RunResult, config: RunConfig) -> str:
     ax.set_ylabel("loss")
     ax.set_title(f"{config.method}, {config.method_config.loss_backend} loss backend, batch {config.batch_size}")
     ax.legend()
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.12, right=0.97, bottom=0.15, top=0.9)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
