@@ -57,9 +57,15 @@ def test_evaluation_reports_trained_and_random_init_accuracy(tmp_path):
     assert any(line.startswith("linear accuracy:") for line in lines)
 
 
-def test_swav_without_multi_crop(tmp_path):
-    result, _ = train("swav", tmp_path, "--steps", "2", "--small-crops", "0")
-    assert len(result.losses) == 2
+def test_swav_multi_crop(tmp_path):
+    result, _ = train("swav", tmp_path, "--steps", "2", "--small-crops", "2")
+    assert len(result.losses) == 2 and all(math.isfinite(x) for x in result.losses)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_bf16_autocast(method, tmp_path):
+    result, _ = train(method, tmp_path, "--steps", "2", "--precision", "bf16")
+    assert len(result.losses) == 2 and all(math.isfinite(x) for x in result.losses)
 
 
 @pytest.mark.parametrize("method", METHODS)
