@@ -78,7 +78,7 @@ def main(argv=None) -> int:
         f"load average {load_before[0]:.1f} before / {load_after[0]:.1f} after (the machine is shared: timings are noisy; "
         "fused and torch rows of one method ran back to back).",
         "",
-        f"Command: `python -m cl_fast.train.table --out {args.out}" + (f" --extra '{args.extra}'" if args.extra else "") + "`",
+        "Command: `python -m cl_fast.train.table " + " ".join(sys.argv[1:] if argv is None else argv) + "`",
         "",
         "| method | loss backend | batch | steps | kNN % trained (random init) | linear % trained (random init) "
         "| first / last loss | wall time | samples/s | loss share of step |",
