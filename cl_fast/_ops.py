@@ -29,6 +29,13 @@ def _scale_value(scale: Tensor) -> float:
     return float(scale.detach())
 
 
+def _scale_arg(scale: Tensor, backend: str):
+    """Triton reads the scale on the device (a 0-d fp32 tensor, PLAN.md); the CPU backend a float."""
+    if backend == "triton":
+        return scale.detach().to(torch.float32)
+    return _scale_value(scale)
+
+
 def _fp32(shape, like: Tensor) -> Tensor:
     return like.new_empty(shape, dtype=torch.float32)
 
@@ -42,7 +49,7 @@ def _as_fp32(grad: Tensor | None, like: Tensor) -> Tensor:
 # ---------------------------------------------------------------- nt_xent (symmetric, 2N rows)
 def _ntxent_fwd_impl(z1: Tensor, z2: Tensor, scale: Tensor, backend: str) -> tuple[Tensor, Tensor]:
     """Per-row losses (2N,) and row log-sum-exp (2N,), both fp32."""
-    return _dispatch.module(backend).ntxent_fwd(z1.contiguous(), z2.contiguous(), _scale_value(scale))
+    return _dispatch.module(backend).ntxent_fwd(z1.contiguous(), z2.contiguous(), _scale_arg(scale, backend))
 
 
 ntxent_fwd = define("ntxent_fwd", _ntxent_fwd_impl)
@@ -59,7 +66,7 @@ def _ntxent_bwd_impl(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dz1, dz2, dL/dscale) for upstream per-row grads `grad`."""
     dz1, dz2, dscale = _dispatch.module(backend).ntxent_bwd(
-        grad.contiguous(), z1.contiguous(), z2.contiguous(), _scale_value(scale), lse.contiguous()
+        grad.contiguous(), z1.contiguous(), z2.contiguous(), _scale_arg(scale, backend), lse.contiguous()
     )
     return dz1, dz2, dscale.to(scale.device)
 
@@ -91,7 +98,7 @@ ntxent_fwd.register_autograd(_ntxent_backward, setup_context=_ntxent_setup)
 # ----------------------------------------------- info_nce / clip (cross, N x N, diagonal positives)
 def _cross_fwd_impl(q: Tensor, k: Tensor, scale: Tensor, both: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(row_loss, col_loss, row_lse, col_lse), fp32; the col_* are empty (0,) when not `both`."""
-    return _dispatch.module(backend).cross_fwd(q.contiguous(), k.contiguous(), _scale_value(scale), both)
+    return _dispatch.module(backend).cross_fwd(q.contiguous(), k.contiguous(), _scale_arg(scale, backend), both)
 
 
 cross_fwd = define("cross_fwd", _cross_fwd_impl)
@@ -110,7 +117,7 @@ def _cross_bwd_impl(
     """(dq, dk, dL/dscale)."""
     dq, dk, dscale = _dispatch.module(backend).cross_bwd(
         grad_row.contiguous(), grad_col.contiguous(), q.contiguous(), k.contiguous(),
-        _scale_value(scale), row_lse.contiguous(), col_lse.contiguous(), both,
+        _scale_arg(scale, backend), row_lse.contiguous(), col_lse.contiguous(), both,
     )
     return dq, dk, dscale.to(scale.device)
 

@@ -728,15 +728,15 @@ def cross_fwd(q, k, scale, both, normalize=True):
     scale = _scale_arg(scale, q)
     both, normalize = bool(both), bool(normalize)
     a, b, rho, _ = _prepare(q, k, normalize)
-    L = 2 * N if both else N
-    lse = torch.empty(L, device=q.device, dtype=torch.float32)
-    loss = torch.empty(L, device=q.device, dtype=torch.float32)
-    outs = (lse[:N], lse[N:] if both else lse, loss[:N], loss[N:] if both else loss)
-    _walk_launch(a, b, rho, scale, lse, lse, outs, ntxent=False, both=both, normalize=normalize, stats=False)
-    if not both:
-        empty = lse.new_empty(0)
-        return loss, empty, lse, empty.clone()
-    return loss[:N], loss[N:], lse[:N], lse[N:]
+    row_loss, row_lse = (torch.empty(N, device=q.device, dtype=torch.float32) for _ in range(2))
+    if both:  # separate tensors: a custom op's outputs may not alias each other
+        col_loss, col_lse = (torch.empty(N, device=q.device, dtype=torch.float32) for _ in range(2))
+    else:
+        col_loss, col_lse = (torch.empty(0, device=q.device, dtype=torch.float32) for _ in range(2))
+    outs = (row_lse, col_lse if both else row_lse, row_loss, col_loss if both else row_loss)
+    _walk_launch(a, b, rho, scale, row_lse, row_lse, outs, ntxent=False, both=both, normalize=normalize,
+                 stats=False)
+    return row_loss, col_loss, row_lse, col_lse
 
 
 def cross_bwd(grad_row, grad_col, q, k, scale, row_lse, col_lse, both, normalize=True):
