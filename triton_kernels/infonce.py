@@ -165,7 +165,9 @@ def _cosines(x, rho_x, c, rho_c, NORMALIZE: tl.constexpr, UPCAST_DOT: tl.constex
     """cos_ij = u_i . u_j of a (rows, BN) tile (raw dots when not NORMALIZE)."""
     dots = _dot(x, tl.trans(c), UPCAST_DOT)
     if NORMALIZE:
-        dots = dots * rho_x[:, None] * rho_c[None, :]
+        # rho_i rho_j first: cos_ij is then bit-identical to cos_ji (the dot is), so exp(S_ij - m_j)
+        # of the backward's column term is exactly 1 at row j's max, as in a row-wise softmax
+        dots = dots * (rho_x[:, None] * rho_c[None, :])
     return dots
 
 
