@@ -236,59 +236,40 @@ def _walk_tile(x, rho_x, t, c, rho_c, cols, special, scale, N, m, neg, pos, spos
 
 
 @triton.jit
-def _walk_step(j, t0, xa, rho_a, xb, rho_b, t, ca_ptr, cb_ptr, rho_ca_ptr, rho_cb_ptr, scale, N,
-               ma, nega, posa, sposa, mb, negb, posb, sposb,
-               SELF_A: tl.constexpr, SELF_B: tl.constexpr, SAME_COLS: tl.constexpr, DO_B: tl.constexpr,
-               NORMALIZE: tl.constexpr, H: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
-               D_PAD: tl.constexpr, UPCAST_DOT: tl.constexpr):
-    cols = j * BN + tl.arange(0, BN)
-    col_mask = cols < N
-    # masked path only where the block meets the pair block's diagonal [t0, t0 + H) or N's edge
-    special = ((j * BN < t0 + H) & (j * BN + BN > t0)) | (j * BN + BN > N)
-    ca = _load_rows(ca_ptr, cols, col_mask, D, D_PAD)
-    if NORMALIZE:
-        rho_ca = tl.load(rho_ca_ptr + cols, mask=col_mask, other=0.0)
-    else:
-        rho_ca = cols
-    ma, nega, posa, sposa = _walk_tile(xa, rho_a, t, ca, rho_ca, cols, special, scale, N,
-                                       ma, nega, posa, sposa, SELF_A, NORMALIZE, UPCAST_DOT)
-    if DO_B:
-        if SAME_COLS:
-            cb = ca
-            rho_cb = rho_ca
-        else:
-            cb = _load_rows(cb_ptr, cols, col_mask, D, D_PAD)
-            if NORMALIZE:
-                rho_cb = tl.load(rho_cb_ptr + cols, mask=col_mask, other=0.0)
-            else:
-                rho_cb = cols
-        mb, negb, posb, sposb = _walk_tile(xb, rho_b, t, cb, rho_cb, cols, special, scale, N,
-                                           mb, negb, posb, sposb, SELF_B, NORMALIZE, UPCAST_DOT)
-    return ma, nega, posa, sposa, mb, negb, posb, sposb
-
-
-@triton.jit
-def _walk(t0, xa, rho_a, xb, rho_b, t, ca_ptr, cb_ptr, rho_ca_ptr, rho_cb_ptr, scale, N,
-          ma, nega, posa, sposa, mb, negb, posb, sposb,
-          SELF_A: tl.constexpr, SELF_B: tl.constexpr, SAME_COLS: tl.constexpr, DO_B: tl.constexpr,
-          NORMALIZE: tl.constexpr, H: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
-          D_PAD: tl.constexpr, UPCAST_DOT: tl.constexpr, INTERPRET: tl.constexpr):
+def _walk(t0, x, rho_x, t, c_ptr, rho_c_ptr, scale, N, m, neg, pos, spos,
+          IS_SELF: tl.constexpr, NORMALIZE: tl.constexpr, H: tl.constexpr, BN: tl.constexpr,
+          D: tl.constexpr, D_PAD: tl.constexpr, UPCAST_DOT: tl.constexpr, INTERPRET: tl.constexpr):
+    """Stream the column blocks of c (N rows) past the rows x: one half of the pair block at a time,
+    so only one half's tiles are live (registers)."""
     n_blocks = tl.cdiv(N, BN)
     if INTERPRET:
         j = 0
         while j < n_blocks:
-            ma, nega, posa, sposa, mb, negb, posb, sposb = _walk_step(
-                j, t0, xa, rho_a, xb, rho_b, t, ca_ptr, cb_ptr, rho_ca_ptr, rho_cb_ptr, scale, N,
-                ma, nega, posa, sposa, mb, negb, posb, sposb,
-                SELF_A, SELF_B, SAME_COLS, DO_B, NORMALIZE, H, BN, D, D_PAD, UPCAST_DOT)
+            m, neg, pos, spos = _walk_step(j, t0, x, rho_x, t, c_ptr, rho_c_ptr, scale, N, m, neg, pos, spos,
+                                           IS_SELF, NORMALIZE, H, BN, D, D_PAD, UPCAST_DOT)
             j += 1
     else:
         for j in range(0, n_blocks):
-            ma, nega, posa, sposa, mb, negb, posb, sposb = _walk_step(
-                j, t0, xa, rho_a, xb, rho_b, t, ca_ptr, cb_ptr, rho_ca_ptr, rho_cb_ptr, scale, N,
-                ma, nega, posa, sposa, mb, negb, posb, sposb,
-                SELF_A, SELF_B, SAME_COLS, DO_B, NORMALIZE, H, BN, D, D_PAD, UPCAST_DOT)
-    return ma, nega, posa, sposa, mb, negb, posb, sposb
+            m, neg, pos, spos = _walk_step(j, t0, x, rho_x, t, c_ptr, rho_c_ptr, scale, N, m, neg, pos, spos,
+                                           IS_SELF, NORMALIZE, H, BN, D, D_PAD, UPCAST_DOT)
+    return m, neg, pos, spos
+
+
+@triton.jit
+def _walk_step(j, t0, x, rho_x, t, c_ptr, rho_c_ptr, scale, N, m, neg, pos, spos,
+               IS_SELF: tl.constexpr, NORMALIZE: tl.constexpr, H: tl.constexpr, BN: tl.constexpr,
+               D: tl.constexpr, D_PAD: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    cols = j * BN + tl.arange(0, BN)
+    col_mask = cols < N
+    # masked path only where the block meets the pair block's diagonal [t0, t0 + H) or N's edge
+    special = ((j * BN < t0 + H) & (j * BN + BN > t0)) | (j * BN + BN > N)
+    c = _load_rows(c_ptr, cols, col_mask, D, D_PAD)
+    if NORMALIZE:
+        rho_c = tl.load(rho_c_ptr + cols, mask=col_mask, other=0.0)
+    else:
+        rho_c = cols
+    return _walk_tile(x, rho_x, t, c, rho_c, cols, special, scale, N, m, neg, pos, spos,
+                      IS_SELF, NORMALIZE, UPCAST_DOT)
 
 
 @triton.jit
@@ -371,25 +352,25 @@ def _row_walks(a_ptr, b_ptr, rho_ptr, scale, t0, t, row_mask, N, NTXENT: tl.cons
         rho_a = t
         rho_b = t
     zero = tl.zeros((H,), tl.float32)
-    ma = zero + _M_INIT
-    mb = zero + _M_INIT
-    nega, posa, sposa, negb, posb, sposb = zero, zero, zero, zero, zero, zero
+    ma, nega, posa, sposa = zero + _M_INIT, zero, zero, zero
+    mb, negb, posb, sposb = zero + _M_INIT, zero, zero, zero
     if NTXENT:
-        # columns z1: a rows meet themselves, b rows their positives; then columns z2
-        ma, nega, posa, sposa, mb, negb, posb, sposb = _walk(
-            t0, xa, rho_a, xb, rho_b, t, a_ptr, a_ptr, rho_ptr, rho_ptr, scale, N,
-            ma, nega, posa, sposa, mb, negb, posb, sposb,
-            True, False, True, True, NORMALIZE, H, BN, D, D_PAD, UPCAST_DOT, INTERPRET)
-        ma, nega, posa, sposa, mb, negb, posb, sposb = _walk(
-            t0, xa, rho_a, xb, rho_b, t, b_ptr, b_ptr, rho_ptr + N, rho_ptr + N, scale, N,
-            ma, nega, posa, sposa, mb, negb, posb, sposb,
-            False, True, True, True, NORMALIZE, H, BN, D, D_PAD, UPCAST_DOT, INTERPRET)
+        # a rows: columns z1 hold themselves, columns z2 their positives; b rows the other way round
+        ma, nega, posa, sposa = _walk(t0, xa, rho_a, t, a_ptr, rho_ptr, scale, N, ma, nega, posa, sposa,
+                                      True, NORMALIZE, H, BN, D, D_PAD, UPCAST_DOT, INTERPRET)
+        ma, nega, posa, sposa = _walk(t0, xa, rho_a, t, b_ptr, rho_ptr + N, scale, N, ma, nega, posa, sposa,
+                                      False, NORMALIZE, H, BN, D, D_PAD, UPCAST_DOT, INTERPRET)
+        mb, negb, posb, sposb = _walk(t0, xb, rho_b, t, a_ptr, rho_ptr, scale, N, mb, negb, posb, sposb,
+                                      False, NORMALIZE, H, BN, D, D_PAD, UPCAST_DOT, INTERPRET)
+        mb, negb, posb, sposb = _walk(t0, xb, rho_b, t, b_ptr, rho_ptr + N, scale, N, mb, negb, posb, sposb,
+                                      True, NORMALIZE, H, BN, D, D_PAD, UPCAST_DOT, INTERPRET)
     else:
-        # q rows meet k columns, k rows meet q columns (only when BOTH directions are wanted)
-        ma, nega, posa, sposa, mb, negb, posb, sposb = _walk(
-            t0, xa, rho_a, xb, rho_b, t, b_ptr, a_ptr, rho_ptr + N, rho_ptr, scale, N,
-            ma, nega, posa, sposa, mb, negb, posb, sposb,
-            False, False, False, BOTH, NORMALIZE, H, BN, D, D_PAD, UPCAST_DOT, INTERPRET)
+        # q rows meet k columns; k rows meet q columns (only when BOTH directions are wanted)
+        ma, nega, posa, sposa = _walk(t0, xa, rho_a, t, b_ptr, rho_ptr + N, scale, N, ma, nega, posa, sposa,
+                                      False, NORMALIZE, H, BN, D, D_PAD, UPCAST_DOT, INTERPRET)
+        if BOTH:
+            mb, negb, posb, sposb = _walk(t0, xb, rho_b, t, a_ptr, rho_ptr, scale, N, mb, negb, posb, sposb,
+                                          False, NORMALIZE, H, BN, D, D_PAD, UPCAST_DOT, INTERPRET)
     return ma, nega, posa, sposa, mb, negb, posb, sposb
 
 
@@ -445,69 +426,48 @@ def _grad_tile(x, rho_x, g_x, shift_x, inv_l_x, t, c, rho_c, g_c, shift_c, inv_l
 
 
 @triton.jit
-def _grad_step(j, t0, t, xa, rho_a, ga, shift_a, inv_l_a, xb, rho_b, gb, shift_b, inv_l_b,
-               ca_ptr, cb_ptr, cstat_a, cstat_b, scale, N, acc_a, nm_a, dsc_a, acc_b, nm_b, dsc_b,
-               FIXED: tl.constexpr, SAME_COLS: tl.constexpr, ROW_A: tl.constexpr, COL_A: tl.constexpr,
-               ROW_B: tl.constexpr, COL_B: tl.constexpr, NORMALIZE: tl.constexpr, H: tl.constexpr,
-               BN: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, UPCAST_DOT: tl.constexpr):
-    """One column block for both halves. cstat_* = (rho, g, shift, 1/l) pointers of the columns'
-    own rows (the column j of half a is row j of the tensor ca)."""
+def _grad_step(j, t0, t, x, rho_x, g_x, shift_x, inv_l_x, c_ptr, cstat, scale, N, acc, nm, dsc,
+               FIXED: tl.constexpr, ROW_TERM: tl.constexpr, COL_TERM: tl.constexpr, NORMALIZE: tl.constexpr,
+               H: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+               UPCAST_DOT: tl.constexpr):
+    """One column block of c for one half. cstat = (rho, g, shift, 1/l) pointers of the columns' own
+    rows (column j is row j of the tensor c)."""
     cols = j * BN + tl.arange(0, BN)
     col_mask = cols < N
     special = ((j * BN < t0 + H) & (j * BN + BN > t0)) | (j * BN + BN > N)
-    rho_ca_ptr, g_ca_ptr, shift_ca_ptr, inv_l_ca_ptr = cstat_a
-    ca = _load_rows(ca_ptr, cols, col_mask, D, D_PAD)
+    rho_c_ptr, g_c_ptr, shift_c_ptr, inv_l_c_ptr = cstat
+    c = _load_rows(c_ptr, cols, col_mask, D, D_PAD)
     if NORMALIZE:
-        rho_ca = tl.load(rho_ca_ptr + cols, mask=col_mask, other=0.0)
+        rho_c = tl.load(rho_c_ptr + cols, mask=col_mask, other=0.0)
     else:
-        rho_ca = cols
-    g_ca = tl.load(g_ca_ptr + cols, mask=col_mask, other=0.0)
-    shift_ca = tl.load(shift_ca_ptr + cols, mask=col_mask, other=0.0)
-    inv_l_ca = tl.load(inv_l_ca_ptr + cols, mask=col_mask, other=0.0)
-    acc_a, nm_a, dsc_a = _grad_tile(xa, rho_a, ga, shift_a, inv_l_a, t, ca, rho_ca, g_ca, shift_ca,
-                                    inv_l_ca, cols, special, scale, N, acc_a, nm_a, dsc_a,
-                                    FIXED, ROW_A, COL_A, NORMALIZE, UPCAST_DOT)
-    if SAME_COLS:
-        cb, rho_cb, g_cb, shift_cb, inv_l_cb = ca, rho_ca, g_ca, shift_ca, inv_l_ca
-    else:
-        rho_cb_ptr, g_cb_ptr, shift_cb_ptr, inv_l_cb_ptr = cstat_b
-        cb = _load_rows(cb_ptr, cols, col_mask, D, D_PAD)
-        if NORMALIZE:
-            rho_cb = tl.load(rho_cb_ptr + cols, mask=col_mask, other=0.0)
-        else:
-            rho_cb = cols
-        g_cb = tl.load(g_cb_ptr + cols, mask=col_mask, other=0.0)
-        shift_cb = tl.load(shift_cb_ptr + cols, mask=col_mask, other=0.0)
-        inv_l_cb = tl.load(inv_l_cb_ptr + cols, mask=col_mask, other=0.0)
-    acc_b, nm_b, dsc_b = _grad_tile(xb, rho_b, gb, shift_b, inv_l_b, t, cb, rho_cb, g_cb, shift_cb,
-                                    inv_l_cb, cols, special, scale, N, acc_b, nm_b, dsc_b,
-                                    FIXED, ROW_B, COL_B, NORMALIZE, UPCAST_DOT)
-    return acc_a, nm_a, dsc_a, acc_b, nm_b, dsc_b
+        rho_c = cols
+    g_c = tl.load(g_c_ptr + cols, mask=col_mask, other=0.0)
+    shift_c = tl.load(shift_c_ptr + cols, mask=col_mask, other=0.0)
+    inv_l_c = tl.load(inv_l_c_ptr + cols, mask=col_mask, other=0.0)
+    return _grad_tile(x, rho_x, g_x, shift_x, inv_l_x, t, c, rho_c, g_c, shift_c, inv_l_c, cols, special,
+                      scale, N, acc, nm, dsc, FIXED, ROW_TERM, COL_TERM, NORMALIZE, UPCAST_DOT)
 
 
 @triton.jit
-def _grad_walk(t0, t, xa, rho_a, ga, shift_a, inv_l_a, xb, rho_b, gb, shift_b, inv_l_b,
-               ca_ptr, cb_ptr, cstat_a, cstat_b, scale, N, acc_a, nm_a, dsc_a, acc_b, nm_b, dsc_b,
-               FIXED: tl.constexpr, SAME_COLS: tl.constexpr, ROW_A: tl.constexpr, COL_A: tl.constexpr,
-               ROW_B: tl.constexpr, COL_B: tl.constexpr, NORMALIZE: tl.constexpr, H: tl.constexpr,
-               BN: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, UPCAST_DOT: tl.constexpr,
-               INTERPRET: tl.constexpr):
+def _grad_walk(t0, t, x, rho_x, g_x, shift_x, inv_l_x, c_ptr, cstat, scale, N, acc, nm, dsc,
+               FIXED: tl.constexpr, ROW_TERM: tl.constexpr, COL_TERM: tl.constexpr, NORMALIZE: tl.constexpr,
+               H: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+               UPCAST_DOT: tl.constexpr, INTERPRET: tl.constexpr):
+    """Stream the column blocks of c past one half of the pair block (one half's tiles live at a time)."""
     n_blocks = tl.cdiv(N, BN)
     if INTERPRET:
         j = 0
         while j < n_blocks:
-            acc_a, nm_a, dsc_a, acc_b, nm_b, dsc_b = _grad_step(
-                j, t0, t, xa, rho_a, ga, shift_a, inv_l_a, xb, rho_b, gb, shift_b, inv_l_b,
-                ca_ptr, cb_ptr, cstat_a, cstat_b, scale, N, acc_a, nm_a, dsc_a, acc_b, nm_b, dsc_b,
-                FIXED, SAME_COLS, ROW_A, COL_A, ROW_B, COL_B, NORMALIZE, H, BN, D, D_PAD, UPCAST_DOT)
+            acc, nm, dsc = _grad_step(j, t0, t, x, rho_x, g_x, shift_x, inv_l_x, c_ptr, cstat, scale, N,
+                                      acc, nm, dsc, FIXED, ROW_TERM, COL_TERM, NORMALIZE, H, BN, D, D_PAD,
+                                      UPCAST_DOT)
             j += 1
     else:
         for j in range(0, n_blocks):
-            acc_a, nm_a, dsc_a, acc_b, nm_b, dsc_b = _grad_step(
-                j, t0, t, xa, rho_a, ga, shift_a, inv_l_a, xb, rho_b, gb, shift_b, inv_l_b,
-                ca_ptr, cb_ptr, cstat_a, cstat_b, scale, N, acc_a, nm_a, dsc_a, acc_b, nm_b, dsc_b,
-                FIXED, SAME_COLS, ROW_A, COL_A, ROW_B, COL_B, NORMALIZE, H, BN, D, D_PAD, UPCAST_DOT)
-    return acc_a, nm_a, dsc_a, acc_b, nm_b, dsc_b
+            acc, nm, dsc = _grad_step(j, t0, t, x, rho_x, g_x, shift_x, inv_l_x, c_ptr, cstat, scale, N,
+                                      acc, nm, dsc, FIXED, ROW_TERM, COL_TERM, NORMALIZE, H, BN, D, D_PAD,
+                                      UPCAST_DOT)
+    return acc, nm, dsc
 
 
 @triton.jit
@@ -517,21 +477,28 @@ def _grad_walks(t0, t, xa, rho_a, ga, shift_a, inv_l_a, xb, rho_b, gb, shift_b, 
                 H: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
                 UPCAST_DOT: tl.constexpr, INTERPRET: tl.constexpr):
     if NTXENT:
-        acc_a, nm_a, dsc_a, acc_b, nm_b, dsc_b = _grad_walk(
-            t0, t, xa, rho_a, ga, shift_a, inv_l_a, xb, rho_b, gb, shift_b, inv_l_b,
-            a_ptr, a_ptr, stat_a, stat_a, scale, N, acc_a, nm_a, dsc_a, acc_b, nm_b, dsc_b,
-            FIXED, True, True, True, True, True, NORMALIZE, H, BN, D, D_PAD, UPCAST_DOT, INTERPRET)
-        acc_a, nm_a, dsc_a, acc_b, nm_b, dsc_b = _grad_walk(
-            t0, t, xa, rho_a, ga, shift_a, inv_l_a, xb, rho_b, gb, shift_b, inv_l_b,
-            b_ptr, b_ptr, stat_b, stat_b, scale, N, acc_a, nm_a, dsc_a, acc_b, nm_b, dsc_b,
-            FIXED, True, True, True, True, True, NORMALIZE, H, BN, D, D_PAD, UPCAST_DOT, INTERPRET)
+        # every row against all of Z = [z1; z2]; self and positive are both left out of W
+        acc_a, nm_a, dsc_a = _grad_walk(t0, t, xa, rho_a, ga, shift_a, inv_l_a, a_ptr, stat_a, scale, N,
+                                        acc_a, nm_a, dsc_a, FIXED, True, True, NORMALIZE, H, BN, D, D_PAD,
+                                        UPCAST_DOT, INTERPRET)
+        acc_a, nm_a, dsc_a = _grad_walk(t0, t, xa, rho_a, ga, shift_a, inv_l_a, b_ptr, stat_b, scale, N,
+                                        acc_a, nm_a, dsc_a, FIXED, True, True, NORMALIZE, H, BN, D, D_PAD,
+                                        UPCAST_DOT, INTERPRET)
+        acc_b, nm_b, dsc_b = _grad_walk(t0, t, xb, rho_b, gb, shift_b, inv_l_b, a_ptr, stat_a, scale, N,
+                                        acc_b, nm_b, dsc_b, FIXED, True, True, NORMALIZE, H, BN, D, D_PAD,
+                                        UPCAST_DOT, INTERPRET)
+        acc_b, nm_b, dsc_b = _grad_walk(t0, t, xb, rho_b, gb, shift_b, inv_l_b, b_ptr, stat_b, scale, N,
+                                        acc_b, nm_b, dsc_b, FIXED, True, True, NORMALIZE, H, BN, D, D_PAD,
+                                        UPCAST_DOT, INTERPRET)
     else:
         # q rows (half a) against k columns: row term = q->k softmax, column term = k->q (BOTH);
         # k rows (half b) against q columns: row term = k->q (BOTH), column term = q->k.
-        acc_a, nm_a, dsc_a, acc_b, nm_b, dsc_b = _grad_walk(
-            t0, t, xa, rho_a, ga, shift_a, inv_l_a, xb, rho_b, gb, shift_b, inv_l_b,
-            b_ptr, a_ptr, stat_b, stat_a, scale, N, acc_a, nm_a, dsc_a, acc_b, nm_b, dsc_b,
-            FIXED, False, True, BOTH, BOTH, True, NORMALIZE, H, BN, D, D_PAD, UPCAST_DOT, INTERPRET)
+        acc_a, nm_a, dsc_a = _grad_walk(t0, t, xa, rho_a, ga, shift_a, inv_l_a, b_ptr, stat_b, scale, N,
+                                        acc_a, nm_a, dsc_a, FIXED, True, BOTH, NORMALIZE, H, BN, D, D_PAD,
+                                        UPCAST_DOT, INTERPRET)
+        acc_b, nm_b, dsc_b = _grad_walk(t0, t, xb, rho_b, gb, shift_b, inv_l_b, a_ptr, stat_a, scale, N,
+                                        acc_b, nm_b, dsc_b, FIXED, BOTH, True, NORMALIZE, H, BN, D, D_PAD,
+                                        UPCAST_DOT, INTERPRET)
     return acc_a, nm_a, dsc_a, acc_b, nm_b, dsc_b
 
 
