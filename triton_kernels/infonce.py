@@ -77,7 +77,7 @@ _CONFIGS = {
     ("walk", "fp32", 256): [(32, 32, 4, 2), (64, 32, 8, 2)],
     ("walk", "fp32", 1024): [(16, 32, 4, 2)],
     # backward: two (H, D_PAD) fp32 accumulators
-    ("bwd", "half", 128): [(64, 64, 8, 2), (32, 64, 4, 2)],
+    ("bwd", "half", 128): [(32, 64, 8, 2), (32, 32, 8, 2), (64, 32, 8, 2)],
     ("bwd", "half", 256): [(32, 64, 8, 2), (16, 64, 4, 2)],
     ("bwd", "half", 1024): [(16, 32, 8, 1)],
     ("bwd", "fp32", 128): [(32, 32, 4, 2), (64, 32, 8, 2)],
@@ -236,40 +236,59 @@ def _walk_tile(x, rho_x, t, c, rho_c, cols, special, scale, N, m, neg, pos, spos
 
 
 @triton.jit
-def _walk(t0, x, rho_x, t, c_ptr, rho_c_ptr, scale, N, m, neg, pos, spos,
-          IS_SELF: tl.constexpr, NORMALIZE: tl.constexpr, H: tl.constexpr, BN: tl.constexpr,
-          D: tl.constexpr, D_PAD: tl.constexpr, UPCAST_DOT: tl.constexpr, INTERPRET: tl.constexpr):
-    """Stream the column blocks of c (N rows) past the rows x: one half of the pair block at a time,
-    so only one half's tiles are live (registers)."""
-    n_blocks = tl.cdiv(N, BN)
-    if INTERPRET:
-        j = 0
-        while j < n_blocks:
-            m, neg, pos, spos = _walk_step(j, t0, x, rho_x, t, c_ptr, rho_c_ptr, scale, N, m, neg, pos, spos,
-                                           IS_SELF, NORMALIZE, H, BN, D, D_PAD, UPCAST_DOT)
-            j += 1
-    else:
-        for j in range(0, n_blocks):
-            m, neg, pos, spos = _walk_step(j, t0, x, rho_x, t, c_ptr, rho_c_ptr, scale, N, m, neg, pos, spos,
-                                           IS_SELF, NORMALIZE, H, BN, D, D_PAD, UPCAST_DOT)
-    return m, neg, pos, spos
-
-
-@triton.jit
-def _walk_step(j, t0, x, rho_x, t, c_ptr, rho_c_ptr, scale, N, m, neg, pos, spos,
-               IS_SELF: tl.constexpr, NORMALIZE: tl.constexpr, H: tl.constexpr, BN: tl.constexpr,
-               D: tl.constexpr, D_PAD: tl.constexpr, UPCAST_DOT: tl.constexpr):
+def _walk_step(j, t0, xa, rho_a, xb, rho_b, t, ca_ptr, cb_ptr, rho_ca_ptr, rho_cb_ptr, scale, N,
+               ma, nega, posa, sposa, mb, negb, posb, sposb,
+               SELF_A: tl.constexpr, SELF_B: tl.constexpr, SAME_COLS: tl.constexpr, DO_B: tl.constexpr,
+               NORMALIZE: tl.constexpr, H: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
+               D_PAD: tl.constexpr, UPCAST_DOT: tl.constexpr):
     cols = j * BN + tl.arange(0, BN)
     col_mask = cols < N
     # masked path only where the block meets the pair block's diagonal [t0, t0 + H) or N's edge
     special = ((j * BN < t0 + H) & (j * BN + BN > t0)) | (j * BN + BN > N)
-    c = _load_rows(c_ptr, cols, col_mask, D, D_PAD)
+    ca = _load_rows(ca_ptr, cols, col_mask, D, D_PAD)
     if NORMALIZE:
-        rho_c = tl.load(rho_c_ptr + cols, mask=col_mask, other=0.0)
+        rho_ca = tl.load(rho_ca_ptr + cols, mask=col_mask, other=0.0)
     else:
-        rho_c = cols
-    return _walk_tile(x, rho_x, t, c, rho_c, cols, special, scale, N, m, neg, pos, spos,
-                      IS_SELF, NORMALIZE, UPCAST_DOT)
+        rho_ca = cols
+    ma, nega, posa, sposa = _walk_tile(xa, rho_a, t, ca, rho_ca, cols, special, scale, N,
+                                       ma, nega, posa, sposa, SELF_A, NORMALIZE, UPCAST_DOT)
+    if DO_B:
+        if SAME_COLS:
+            cb = ca
+            rho_cb = rho_ca
+        else:
+            cb = _load_rows(cb_ptr, cols, col_mask, D, D_PAD)
+            if NORMALIZE:
+                rho_cb = tl.load(rho_cb_ptr + cols, mask=col_mask, other=0.0)
+            else:
+                rho_cb = cols
+        mb, negb, posb, sposb = _walk_tile(xb, rho_b, t, cb, rho_cb, cols, special, scale, N,
+                                           mb, negb, posb, sposb, SELF_B, NORMALIZE, UPCAST_DOT)
+    return ma, nega, posa, sposa, mb, negb, posb, sposb
+
+
+@triton.jit
+def _walk(t0, xa, rho_a, xb, rho_b, t, ca_ptr, cb_ptr, rho_ca_ptr, rho_cb_ptr, scale, N,
+          ma, nega, posa, sposa, mb, negb, posb, sposb,
+          SELF_A: tl.constexpr, SELF_B: tl.constexpr, SAME_COLS: tl.constexpr, DO_B: tl.constexpr,
+          NORMALIZE: tl.constexpr, H: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
+          D_PAD: tl.constexpr, UPCAST_DOT: tl.constexpr, INTERPRET: tl.constexpr):
+    n_blocks = tl.cdiv(N, BN)
+    if INTERPRET:
+        j = 0
+        while j < n_blocks:
+            ma, nega, posa, sposa, mb, negb, posb, sposb = _walk_step(
+                j, t0, xa, rho_a, xb, rho_b, t, ca_ptr, cb_ptr, rho_ca_ptr, rho_cb_ptr, scale, N,
+                ma, nega, posa, sposa, mb, negb, posb, sposb,
+                SELF_A, SELF_B, SAME_COLS, DO_B, NORMALIZE, H, BN, D, D_PAD, UPCAST_DOT)
+            j += 1
+    else:
+        for j in range(0, n_blocks):
+            ma, nega, posa, sposa, mb, negb, posb, sposb = _walk_step(
+                j, t0, xa, rho_a, xb, rho_b, t, ca_ptr, cb_ptr, rho_ca_ptr, rho_cb_ptr, scale, N,
+                ma, nega, posa, sposa, mb, negb, posb, sposb,
+                SELF_A, SELF_B, SAME_COLS, DO_B, NORMALIZE, H, BN, D, D_PAD, UPCAST_DOT)
+    return ma, nega, posa, sposa, mb, negb, posb, sposb
 
 
 @triton.jit
@@ -352,25 +371,25 @@ def _row_walks(a_ptr, b_ptr, rho_ptr, scale, t0, t, row_mask, N, NTXENT: tl.cons
         rho_a = t
         rho_b = t
     zero = tl.zeros((H,), tl.float32)
-    ma, nega, posa, sposa = zero + _M_INIT, zero, zero, zero
-    mb, negb, posb, sposb = zero + _M_INIT, zero, zero, zero
+    ma = zero + _M_INIT
+    mb = zero + _M_INIT
+    nega, posa, sposa, negb, posb, sposb = zero, zero, zero, zero, zero, zero
     if NTXENT:
-        # a rows: columns z1 hold themselves, columns z2 their positives; b rows the other way round
-        ma, nega, posa, sposa = _walk(t0, xa, rho_a, t, a_ptr, rho_ptr, scale, N, ma, nega, posa, sposa,
-                                      True, NORMALIZE, H, BN, D, D_PAD, UPCAST_DOT, INTERPRET)
-        ma, nega, posa, sposa = _walk(t0, xa, rho_a, t, b_ptr, rho_ptr + N, scale, N, ma, nega, posa, sposa,
-                                      False, NORMALIZE, H, BN, D, D_PAD, UPCAST_DOT, INTERPRET)
-        mb, negb, posb, sposb = _walk(t0, xb, rho_b, t, a_ptr, rho_ptr, scale, N, mb, negb, posb, sposb,
-                                      False, NORMALIZE, H, BN, D, D_PAD, UPCAST_DOT, INTERPRET)
-        mb, negb, posb, sposb = _walk(t0, xb, rho_b, t, b_ptr, rho_ptr + N, scale, N, mb, negb, posb, sposb,
-                                      True, NORMALIZE, H, BN, D, D_PAD, UPCAST_DOT, INTERPRET)
+        # columns z1: a rows meet themselves, b rows their positives; then columns z2
+        ma, nega, posa, sposa, mb, negb, posb, sposb = _walk(
+            t0, xa, rho_a, xb, rho_b, t, a_ptr, a_ptr, rho_ptr, rho_ptr, scale, N,
+            ma, nega, posa, sposa, mb, negb, posb, sposb,
+            True, False, True, True, NORMALIZE, H, BN, D, D_PAD, UPCAST_DOT, INTERPRET)
+        ma, nega, posa, sposa, mb, negb, posb, sposb = _walk(
+            t0, xa, rho_a, xb, rho_b, t, b_ptr, b_ptr, rho_ptr + N, rho_ptr + N, scale, N,
+            ma, nega, posa, sposa, mb, negb, posb, sposb,
+            False, True, True, True, NORMALIZE, H, BN, D, D_PAD, UPCAST_DOT, INTERPRET)
     else:
-        # q rows meet k columns; k rows meet q columns (only when BOTH directions are wanted)
-        ma, nega, posa, sposa = _walk(t0, xa, rho_a, t, b_ptr, rho_ptr + N, scale, N, ma, nega, posa, sposa,
-                                      False, NORMALIZE, H, BN, D, D_PAD, UPCAST_DOT, INTERPRET)
-        if BOTH:
-            mb, negb, posb, sposb = _walk(t0, xb, rho_b, t, a_ptr, rho_ptr, scale, N, mb, negb, posb, sposb,
-                                          False, NORMALIZE, H, BN, D, D_PAD, UPCAST_DOT, INTERPRET)
+        # q rows meet k columns, k rows meet q columns (only when BOTH directions are wanted)
+        ma, nega, posa, sposa, mb, negb, posb, sposb = _walk(
+            t0, xa, rho_a, xb, rho_b, t, b_ptr, a_ptr, rho_ptr + N, rho_ptr, scale, N,
+            ma, nega, posa, sposa, mb, negb, posb, sposb,
+            False, False, False, BOTH, NORMALIZE, H, BN, D, D_PAD, UPCAST_DOT, INTERPRET)
     return ma, nega, posa, sposa, mb, negb, posb, sposb
 
 
@@ -573,20 +592,21 @@ def _bwd_kernel(a_ptr, b_ptr, rho_ptr, r_ptr, scale_ptr, g_a_ptr, g_b_ptr, shift
     # epilogue: the positive pair (a_t, b_t). w = G_ab + G_ba = g_a (P_ab - 1) + g_b (P_ba - 1)
     #         = -(g_a nm_a + g_b nm_b), exact to fp32 relative precision when P -> 1.
     w = -(ga * nm_a + gb * nm_b)
-    ua = rho_a[:, None] * xa.to(tl.float32)
-    ub = rho_b[:, None] * xb.to(tl.float32)
-    dua = scale * (acc_a + w[:, None] * ub)
-    dub = scale * (acc_b + w[:, None] * ua)
     if NORMALIZE:
         r_a = tl.load(r_ptr + t, mask=row_mask, other=0.0)
         r_b = tl.load(r_ptr + N + t, mask=row_mask, other=0.0)
     else:
         r_a = rho_a
         r_b = rho_b
-    _store_rows(da_ptr, t, row_mask, _input_grad(ua, dua, r_a, NORMALIZE), D, D_PAD)
-    _store_rows(db_ptr, t, row_mask, _input_grad(ub, dub, r_b, NORMALIZE), D, D_PAD)
-    # dL/ds = sum_ij G_ij cos_ij: the walks saw every negative pair from both of its rows
+    # one half after the other, each accumulator consumed in place (fewer live (H, D) tiles)
+    ub = rho_b[:, None] * xb.to(tl.float32)
+    acc_a = scale * (acc_a + w[:, None] * ub)
+    ua = rho_a[:, None] * xa.to(tl.float32)
     cos_ab = tl.sum(ua * ub, 1)
+    _store_rows(da_ptr, t, row_mask, _input_grad(ua, acc_a, r_a, NORMALIZE), D, D_PAD)
+    acc_b = scale * (acc_b + w[:, None] * ua)
+    _store_rows(db_ptr, t, row_mask, _input_grad(ub, acc_b, r_b, NORMALIZE), D, D_PAD)
+    # dL/ds = sum_ij G_ij cos_ij: the walks saw every negative pair from both of its rows
     part = 0.5 * tl.sum(dsc_a + dsc_b, 0) + tl.sum(tl.where(row_mask, w * cos_ab, 0.0), 0)
     tl.store(dscale_part_ptr + pid, part)
 
