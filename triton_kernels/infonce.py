@@ -70,18 +70,18 @@ _M_INIT = tl.constexpr(-3.0e38)  # finite "-inf" for the running max (exp(-inf -
 # ---------------------------------------------------------------------------------------------
 _CONFIGS = {
     # forward / stats walk: row statistics only
-    ("walk", "half", 128): [(64, 64, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3)],
-    ("walk", "half", 256): [(64, 64, 8, 3), (32, 64, 4, 3)],
-    ("walk", "half", 1024): [(32, 32, 8, 2), (16, 32, 4, 2)],
-    ("walk", "fp32", 128): [(64, 32, 4, 3), (32, 64, 4, 3)],
-    ("walk", "fp32", 256): [(32, 32, 4, 2), (64, 32, 8, 2)],
+    ("walk", "half", 128): [(64, 64, 4, 3)],
+    ("walk", "half", 256): [(32, 64, 4, 3)],
+    ("walk", "half", 1024): [(16, 32, 4, 2)],
+    ("walk", "fp32", 128): [(64, 32, 4, 2)],
+    ("walk", "fp32", 256): [(32, 32, 4, 2)],
     ("walk", "fp32", 1024): [(16, 32, 4, 2)],
     # backward: two (H, D_PAD) fp32 accumulators
-    ("bwd", "half", 128): [(32, 64, 8, 2), (32, 32, 8, 2), (32, 64, 8, 1), (16, 64, 4, 2)],
-    ("bwd", "half", 256): [(32, 64, 8, 2), (16, 64, 4, 2)],
+    ("bwd", "half", 128): [(32, 64, 8, 2), (32, 32, 8, 2)],
+    ("bwd", "half", 256): [(16, 64, 8, 2)],
     ("bwd", "half", 1024): [(16, 32, 8, 1)],
-    ("bwd", "fp32", 128): [(32, 32, 4, 2), (64, 32, 8, 2)],
-    ("bwd", "fp32", 256): [(16, 32, 4, 2), (32, 32, 8, 1)],
+    ("bwd", "fp32", 128): [(16, 32, 8, 2)],
+    ("bwd", "fp32", 256): [(16, 32, 8, 1)],
     ("bwd", "fp32", 1024): [(16, 16, 8, 1)],
 }
 _INTERPRET_SHAPE = (16, 32, 4, 1)
@@ -158,6 +158,15 @@ def _store_rows(ptr, idx, mask, value, D: tl.constexpr, D_PAD: tl.constexpr):
     cols = tl.arange(0, D_PAD)
     offs = idx.to(tl.int64)[:, None] * D + cols[None, :]
     tl.store(ptr + offs, value.to(ptr.dtype.element_ty), mask=mask[:, None] & (cols < D)[None, :])
+
+
+@triton.jit
+def _store_block(ptr, first_row, R, value, D: tl.constexpr, H: tl.constexpr, D_PAD: tl.constexpr):
+    """Store a (H, D_PAD) block at rows first_row.. of an (R, D) tensor through a block pointer
+    (bounds-checked; no per-element address registers in the epilogue)."""
+    block = tl.make_block_ptr(ptr, shape=(R, D), strides=(D, 1), offsets=(first_row, 0),
+                              block_shape=(H, D_PAD), order=(1, 0))
+    tl.store(block, value.to(ptr.dtype.element_ty), boundary_check=(0, 1))
 
 
 @triton.jit
@@ -599,13 +608,14 @@ def _bwd_kernel(a_ptr, b_ptr, rho_ptr, r_ptr, scale_ptr, g_a_ptr, g_b_ptr, shift
         r_a = rho_a
         r_b = rho_b
     # one half after the other, each accumulator consumed in place (fewer live (H, D) tiles)
-    ub = rho_b[:, None] * xb.to(tl.float32)
+    # the rows are reloaded (L2-hot) rather than kept live from the walk in another layout
+    ub = rho_b[:, None] * _load_rows(b_ptr, t, row_mask, D, D_PAD).to(tl.float32)
     acc_a = scale * (acc_a + w[:, None] * ub)
-    ua = rho_a[:, None] * xa.to(tl.float32)
+    ua = rho_a[:, None] * _load_rows(a_ptr, t, row_mask, D, D_PAD).to(tl.float32)
     cos_ab = tl.sum(ua * ub, 1)
-    _store_rows(da_ptr, t, row_mask, _input_grad(ua, acc_a, r_a, NORMALIZE), D, D_PAD)
+    _store_block(da_ptr, t0, N, _input_grad(ua, acc_a, r_a, NORMALIZE), D, H, D_PAD)
     acc_b = scale * (acc_b + w[:, None] * ua)
-    _store_rows(db_ptr, t, row_mask, _input_grad(ub, acc_b, r_b, NORMALIZE), D, D_PAD)
+    _store_block(db_ptr, t0, N, _input_grad(ub, acc_b, r_b, NORMALIZE), D, H, D_PAD)
     # dL/ds = sum_ij G_ij cos_ij: the walks saw every negative pair from both of its rows
     part = 0.5 * tl.sum(dsc_a + dsc_b, 0) + tl.sum(tl.where(row_mask, w * cos_ab, 0.0), 0)
     tl.store(dscale_part_ptr + pid, part)
