@@ -765,6 +765,7 @@ def sm90_specs():
         cls = _dtype_class(dtype)
         for kind, fn, variants in (
             ("walk", _walk_kernel.fn, [("ntxent_fwd", dict(NTXENT=True, BOTH=True, NORMALIZE=True, STATS=False)),
+                                       ("ntxent_bwd_stats", dict(NTXENT=True, BOTH=True, NORMALIZE=True, STATS=True)),
                                        ("cross_fwd_raw", dict(NTXENT=False, BOTH=True, NORMALIZE=False, STATS=False))]),
             ("bwd", _bwd_kernel.fn, [("ntxent_bwd", dict(NTXENT=True, BOTH=True, NORMALIZE=True)),
                                      ("cross_bwd", dict(NTXENT=False, BOTH=True, NORMALIZE=True))]),
@@ -785,6 +786,7 @@ def sm90_specs():
                         signature=dict(sig, **{k: "constexpr" for k in constexprs}),
                         constexprs=constexprs, num_warps=warps, num_stages=stages,
                         config=f"H={h} BN={bn} w={warps} s={stages}", no_atomics=True))
+    # no_atomics: none of these kernels has any (PLAN.md requires it of the backward ones)
     specs.append(dict(name="prep_rows[bf16,D=128]", fn=_prep_rows_kernel,
                       signature={"x_ptr": "*bf16", "xs_ptr": "*bf16", "rho_ptr": "*fp32", "r_ptr": "*fp32",
                                  "R": "i32", "D": "constexpr", "D_PAD": "constexpr", "BLOCK_R": "constexpr"},
