@@ -132,20 +132,23 @@ def byol_bwd(grad: torch.Tensor, p: torch.Tensor, z: torch.Tensor, stats: torch.
 
 
 def sm90_specs():
-    """Offline sm_90 compile specs (tests/test_triton_sm90.py): the forward and the backward (with
-    and without dz) at BYOL's projection width D = 256, bf16, the GPU block sizes of _blocks.
-    Each spec: kernel name, the @triton.jit function, signature, constexprs, num_warps, num_stages."""
+    """Offline sm_90 compile specs (benchmarks/ptx_table.py, tests/test_triton_sm90.py): the forward
+    and the backward (with and without dz) at BYOL's projection width D = 256, bf16, the GPU block
+    sizes of _blocks. Dicts with name, fn, signature, constexprs, num_warps, num_stages, config,
+    no_atomics."""
     D = 256
     block_m, block_d = 16, min(256, max(16, triton.next_power_of_2(D)))
     fwd_signature = {"p_ptr": "*bf16", "z_ptr": "*bf16", "loss_ptr": "*fp32", "stats_ptr": "*fp32", "N": "i32"}
     bwd_signature = {"grad_ptr": "*fp32", "p_ptr": "*bf16", "z_ptr": "*bf16", "stats_ptr": "*fp32",
                      "dp_ptr": "*bf16", "dz_ptr": "*bf16", "N": "i32"}
     blocks = {"D": D, "BLOCK_M": block_m, "BLOCK_D": block_d}
-    specs = [("byol_fwd", _byol_fwd_kernel, fwd_signature, blocks)]
+    config = f"BLOCK_M={block_m} BLOCK_D={block_d} w=4 s=3"
+    specs = [("byol_fwd[bf16,D=256]", _byol_fwd_kernel, fwd_signature, blocks, config)]
     for need_dz in (False, True):
-        specs.append((f"byol_bwd[need_dz={need_dz}]", _byol_bwd_kernel, bwd_signature, dict(blocks, NEED_DZ=need_dz)))
+        specs.append(("byol_bwd[bf16,D=256]", _byol_bwd_kernel, bwd_signature, dict(blocks, NEED_DZ=need_dz),
+                      f"NEED_DZ={need_dz} {config}"))
     return [
-        {"kernel": name, "fn": fn, "signature": dict(signature, **{key: "constexpr" for key in constexprs}),
-         "constexprs": constexprs, "num_warps": 4, "num_stages": 3}
-        for name, fn, signature, constexprs in specs
+        dict(name=name, fn=fn, signature=dict(signature, **{key: "constexpr" for key in constexprs}),
+             constexprs=constexprs, num_warps=4, num_stages=3, config=config, no_atomics=True)
+        for name, fn, signature, constexprs, config in specs
     ]

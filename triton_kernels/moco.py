@@ -416,8 +416,8 @@ def queue_update_(queue: torch.Tensor, keys: torch.Tensor, ptr: torch.Tensor) ->
 def sm90_specs():
     """One spec per kernel and GPU autotune config, at a representative MoCo shape: bf16 q and
     queue, D = 128 (one D chunk: the query block stays in registers), gradient wanted, 4 splits
-    of 16384 keys. Each spec: kernel name, the @triton.jit function, the signature (argument ->
-    Triton type), the constexpr values, num_warps, num_stages."""
+    of 16384 keys. Dicts with name, fn (the @triton.jit function), signature (argument -> Triton
+    type), constexprs, num_warps, num_stages, config and no_atomics (benchmarks/ptx_table.py)."""
     D = 128
     tiles_signature = {
         "q_ptr": "*bf16", "queue_ptr": "*bf16", "part_m_ptr": "*fp32", "part_l_ptr": "*fp32",
@@ -430,21 +430,23 @@ def sm90_specs():
     specs = []
     for block_m, block_n, warps, stages in _GPU_TILE_SHAPES:
         constexprs = dict(tiles_constexprs, BLOCK_M=block_m, BLOCK_N=block_n)
-        specs.append(_spec(f"moco_tiles[{block_m}x{block_n}, w{warps}]", _moco_tiles_kernel.fn, tiles_signature,
-                           constexprs, warps, stages))
+        specs.append(_spec("moco_tiles[bf16,D=128]", _moco_tiles_kernel.fn, tiles_signature, constexprs, warps, stages,
+                           f"BLOCK_M={block_m} BLOCK_N={block_n} w={warps} s={stages}"))
     merge_signature = {
         "q_ptr": "*bf16", "k_ptr": "*bf16", "part_m_ptr": "*fp32", "part_l_ptr": "*fp32", "part_o_ptr": "*fp32",
         "loss_ptr": "*fp32", "e_ptr": "*fp32", "c_ptr": "*fp32", "N": "i32", "scale_ptr": "*fp32",
     }
     merge_constexprs = {"D": D, "SPLITS": 4, "NEED_GRAD": True, "BLOCK_M": 16, "BLOCK_D": D}
-    specs.append(_spec("moco_merge", _moco_merge_kernel, merge_signature, merge_constexprs, 4, 3))
+    specs.append(_spec("moco_merge[bf16,D=128]", _moco_merge_kernel, merge_signature, merge_constexprs, 4, 3,
+                       "BLOCK_M=16 BLOCK_D=128 SPLITS=4 w=4 s=3"))
     enqueue_signature = {"queue_ptr": "*bf16", "keys_ptr": "*bf16", "ptr_ptr": "*i64", "B": "i32", "K": "i32"}
     enqueue_constexprs = {"D": D, "BLOCK_B": 16, "BLOCK_D": D}
-    specs.append(_spec("moco_enqueue", _enqueue_kernel, enqueue_signature, enqueue_constexprs, 4, 3))
+    specs.append(_spec("moco_enqueue[bf16,D=128]", _enqueue_kernel, enqueue_signature, enqueue_constexprs, 4, 3,
+                       "BLOCK_B=16 BLOCK_D=128 w=4 s=3"))
     return specs
 
 
-def _spec(name, fn, signature, constexprs, num_warps, num_stages):
+def _spec(name, fn, signature, constexprs, num_warps, num_stages, config):
     signature = dict(signature, **{key: "constexpr" for key in constexprs})
-    return {"kernel": name, "fn": fn, "signature": signature, "constexprs": constexprs,
-            "num_warps": num_warps, "num_stages": num_stages}
+    return dict(name=name, fn=fn, signature=signature, constexprs=constexprs, num_warps=num_warps,
+                num_stages=num_stages, config=config, no_atomics=True)

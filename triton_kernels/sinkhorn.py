@@ -209,8 +209,9 @@ def sinkhorn(scores, inv_eps, iterations):
 # ---------------------------------------------------------------------------------------------
 def sm90_specs():
     """One spec per kernel and GPU autotune config at SwAV's size, K = 3000 prototypes, bf16 scores,
-    the column step with f (every iteration after the first). Each spec: kernel name, the
-    @triton.jit function, signature, constexprs, num_warps, num_stages (Triton's default 3)."""
+    the column step with f (every iteration after the first). Dicts with name, fn (the
+    @triton.jit function), signature, constexprs, num_warps, num_stages (Triton's default 3),
+    config and no_atomics (benchmarks/ptx_table.py)."""
     K = 3000
     col_signature = {"scores_ptr": "*bf16", "f_ptr": "*fp32", "part_max_ptr": "*fp32", "part_sum_ptr": "*fp32",
                      "B": "i32", "stride": "i32", "inv_eps": "fp32"}
@@ -220,13 +221,15 @@ def sm90_specs():
                        "col_sum_ptr": "*fp32", "f_ptr": "*fp32", "NUM_PARTS": "i32", "K": "i32"}
     specs = []
     for block_k, warps in _GPU_K_TILES:
-        specs.append((f"sinkhorn_col_lse[{block_k}, w{warps}]", _col_lse_kernel.fn, col_signature,
+        specs.append(("sinkhorn_col_lse[bf16,K=3000]", _col_lse_kernel.fn, col_signature,
                       {"K": K, "HAS_F": True, "BLOCK_B": 16, "BLOCK_K": block_k}, warps))
-        specs.append((f"sinkhorn_assign[{block_k}, w{warps}]", _assign_kernel.fn, assign_signature,
+        specs.append(("sinkhorn_assign[bf16,K=3000]", _assign_kernel.fn, assign_signature,
                       {"K": K, "BLOCK_B": 16, "BLOCK_K": block_k}, warps))
     specs.append(("sinkhorn_col_merge", _col_merge_kernel, merge_signature, {"BLOCK_P": 16, "BLOCK_K": 256}, 4))
     return [
-        {"kernel": name, "fn": fn, "signature": dict(signature, **{key: "constexpr" for key in constexprs}),
-         "constexprs": constexprs, "num_warps": warps, "num_stages": 3}
+        dict(name=name, fn=fn, signature=dict(signature, **{key: "constexpr" for key in constexprs}),
+             constexprs=constexprs, num_warps=warps, num_stages=3,
+             config=" ".join(f"{k}={v}" for k, v in constexprs.items() if k.startswith("BLOCK")) + f" w={warps} s=3",
+             no_atomics=True)
         for name, fn, signature, constexprs, warps in specs
     ]
