@@ -50,6 +50,8 @@ def check_positive_scalar(name: str, value, device: torch.device) -> None:
     tensor under torch.compile, is never read on the host: the check is queued on its device
     instead (torch._assert_async), so an invalid value fails the step loudly (a RuntimeError
     naming the argument) rather than giving a silent number, and no step waits for the device.
+    On a GPU that failure is a device-side assert: like an out-of-range index, it ends the
+    process's CUDA context (the price of not synchronising on every step).
     """
     if isinstance(value, torch.Tensor):
         if value.numel() != 1 or value.dim() > 1:
