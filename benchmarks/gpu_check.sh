@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
-# One command for a lent GPU (H100/H200): build the extension, run the test suite on CUDA
-# tensors, then benchmark every loss and backend. Written for the device tool's image (system
+# One command for a lent GPU (H100/H200): build the extension, time the InfoNCE kernels one by one
+# (benchmarks/gpu_kernels.py: forward and backward separately, TFLOP/s against DESIGN.md's counts),
+# run the test suite on CUDA tensors, then benchmark every loss and backend. Written for the device tool's image (system
 # python3 with a CUDA torch, Triton, nvcc, pytest; no internet); see benchmarks/README.md.
 #
 #   device tool:  run(command="bash benchmarks/gpu_check.sh", timeout_s=540)
 #
-# Writes into $OUT (the device tool's folder; benchmarks/results/gpu when unset), 7 files:
-#   env.log  build.log  tests.log  bench.log  bench_gpu.csv  bench_gpu.md  bench_gpu.png
+# Writes into $OUT (the device tool's folder; benchmarks/results/gpu when unset), 8 files:
+#   env.log  build.log  kernels.log  tests.log  bench.log  bench_gpu.csv  bench_gpu.md  bench_gpu.png
 # Each step runs under `timeout` with its own limit, all within TOTAL_LIMIT (default 470 s, so the
 # whole check ends inside 8 minutes); a failing step does not stop the later ones, and the exit
 # status is non-zero when any step failed. Knobs (environment): PYTHON, TOTAL_LIMIT, BUILD_LIMIT,
-# TEST_LIMIT, TEST_TIMEOUT (per test), BENCH_LIMIT, STEPS (default "env build tests bench"),
+# KERNELS_LIMIT, KERNELS_ARGS (arguments of gpu_kernels.py), TEST_LIMIT, TEST_TIMEOUT (per test),
+# BENCH_LIMIT, STEPS (default "env build kernels tests bench"),
 # BENCH_ARGS (replaces the benchmark's op/size/dtype arguments), BENCH_DEVICE (default cuda; cpu
 # for a dry run of this script on a machine without a GPU).
 set -u -o pipefail
@@ -21,14 +23,16 @@ mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
 TOTAL_LIMIT="${TOTAL_LIMIT:-470}"
 BUILD_LIMIT="${BUILD_LIMIT:-150}"
-TEST_LIMIT="${TEST_LIMIT:-120}"
+KERNELS_LIMIT="${KERNELS_LIMIT:-170}"
+KERNELS_ARGS="${KERNELS_ARGS:-}"
+TEST_LIMIT="${TEST_LIMIT:-90}"
 TEST_TIMEOUT="${TEST_TIMEOUT:-60}"
 BENCH_LIMIT="${BENCH_LIMIT:-230}"
-STEPS="${STEPS:-env build tests bench}"
+STEPS="${STEPS:-env build kernels tests bench}"
 BENCH_ARGS="${BENCH_ARGS:---ops nt_xent,info_nce,clip_loss,moco_loss,sinkhorn,byol_loss --dtype bf16,fp32 \
 --sizes 1024,4096,16384,65536 --compile-ops nt_xent,clip_loss}"
 # The fused Triton kernels run compiled on the GPU, never through the interpreter.
-export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1 PY OUT TEST_TIMEOUT BENCH_ARGS
+export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1 PY OUT TEST_TIMEOUT BENCH_ARGS KERNELS_ARGS
 BENCH_DEVICE="${BENCH_DEVICE:-cuda}" && export BENCH_DEVICE
 START=$(date +%s)
 for s in $STEPS; do : >"$OUT/$s.log"; done # this run's logs only
@@ -92,6 +96,13 @@ build() {
     "$PY" -c "import cl_fast, torch; print('cl_fast.backends() on', torch.cuda.get_device_name(0), '->', cl_fast.backends())"
 }
 
+kernels() {
+    # each kernel timed alone at 2N in {4096, 16384, 65536}, D in {128, 512}, bf16 and fp32; the
+    # script stops starting cells 20 s before the step's limit
+    # shellcheck disable=SC2086
+    "$PY" benchmarks/gpu_kernels.py --device "$BENCH_DEVICE" --time-budget "$(($1 - 20))" $KERNELS_ARGS
+}
+
 tests() {
     local timeout_args=()
     "$PY" -c "import pytest_timeout" 2>/dev/null && timeout_args=(--timeout "$TEST_TIMEOUT")
@@ -105,12 +116,18 @@ bench() {
     "$PY" -m cl_fast bench --device "$BENCH_DEVICE" $BENCH_ARGS --time-budget "$(($1 - 40))" --cell-timeout 90 \
         --csv "$OUT/bench_gpu.csv" --md "$OUT/bench_gpu.md" --plot "$OUT/bench_gpu.png"
 }
-export -f env_info build tests bench
+export -f env_info build kernels tests bench
 
 for s in $STEPS; do
     case $s in
     env) run_step env 40 "$OUT/env.log" bash -c env_info ;;
     build) run_step build "$BUILD_LIMIT" "$OUT/build.log" bash -c build ;;
+    kernels)
+        limit=$KERNELS_LIMIT
+        left=$(remaining)
+        ((limit > left)) && limit=$left
+        run_step kernels "$limit" "$OUT/kernels.log" bash -c "kernels $limit"
+        ;;
     tests)
         if "$PY" -c "import pytest" 2>/dev/null; then
             run_step tests "$TEST_LIMIT" "$OUT/tests.log" bash -c tests
@@ -125,7 +142,7 @@ for s in $STEPS; do
         ((limit > left)) && limit=$left
         run_step bench "$limit" "$OUT/bench.log" bash -c "bench $limit"
         ;;
-    *) echo "unknown step $s (known: env build tests bench)" && FAILED+=("$s") ;;
+    *) echo "unknown step $s (known: env build kernels tests bench)" && FAILED+=("$s") ;;
     esac
 done
 

@@ -1,52 +1,42 @@
 """Fused InfoNCE-family losses in Triton: nt_xent (SimCLR) and the cross-view info_nce / clip_loss.
 
-The math is DESIGN.md's; the contract is SPEC.md's. Notation: r_i = 1 / max(||z_i||, eps),
-u_i = r_i z_i, s = scale, S_ij = s (z_i . z_j) r_i r_j. Every dot runs on the RAW input rows (tensor
-cores for fp16/bf16); the normalisation costs one fp32 multiply per tile entry. |S_ij| <= s.
+The math is DESIGN.md's ("Triton kernels"); the contract is SPEC.md's. Launchers follow PLAN.md:
+`scale` is a 0-d fp32 tensor on the inputs' device and every kernel loads it (no host sync).
 
-Kernels, in the order a forward + backward runs them:
+Layout: one program owns a PAIR block of H indices t: rows a_t and b_t, where (a, b) = (z1, z2)
+for nt_xent and (q, k) for the cross losses. Every row's positive partner is then in the same
+program, so the positive-pair term, which needs the negative mass of both partners, is fused
+into the backward's epilogue. The program keeps its row statistics (forward) or its gradient
+rows (backward) in registers and streams column blocks of BN rows:
+  nt_xent: columns z1 (half a: self on the diagonal, half b: positive) then z2 (a: positive, b: self);
+  cross:   half a (q rows) meets k columns, half b (k rows) meets q columns; positives on the diagonal.
+Only the column blocks that intersect the diagonal of the pair block, and the ragged last block,
+take the masked path (`special`); the others run unmasked.
 
-1. `_row_norms_kernel` (row pass, both ops): for paired rows a_i, b_i (z1/z2 or q/k) writes
-   r = [r(a), r(b)] (2N fp32; for nt_xent this is r of Z = cat(z1, z2)) and the positive cosine
-   cos_i = u(a_i) . u(b_i) (N fp32). Recomputed in the backward, never saved.
-2. Tile passes of the forward. Fixed shift c = s (safe while 2s <= 80, since E >= exp(-2s) stays a
-   normal fp32): E_ij = exp(S_ij - s), l_i = sum_j E_ij accumulated with fp32 atomics.
-   - `_ntxent_fwd_kernel`: S is symmetric, so only tiles I <= J run (program id -> (I, J) by
-     `_triangle_tile`); row sums go to block I and column sums (= row sums of the mirrored tile)
-     to block J. A diagonal tile holds both orders of each pair: self masked, row sums only.
-   - `_cross_fwd_kernel`: all tiles of q k^T; the same E gives the row sums (q->k) and, when
-     BOTH, the column sums (k->q), written to l[N:].
-   Fallback when 2s > 80: `_ntxent_max_kernel` / `_cross_max_kernel` first write the row (and
-   column) maxima m with fp32 atomic max, then the sum pass uses exp(S - m_i) for row sums and
-   exp(S - m_j) for column sums (two exps per entry).
-3. `_lse_loss_kernel` (row pass): lse_i = shift_i + log l_i, loss_i = lse_i - s cos_{i mod N}.
-   Stored between forward and backward: lse only (M fp32; row_lse and col_lse for cross).
-4. Tile passes of the backward (same walks), upstream grads g:
-   dL/dS_ij = G_ij = g_i (P_ij - [j is i's positive]),  P_ij = exp(S_ij - lse_i).
-   The tiles recompute S from the inputs and handle the NEGATIVES (positive pairs masked like the
-   diagonal), as one weight per entry:
-   - nt_xent: W_ij = g_i P_ij + g_j P_ji = E_ij (a_i + a_j), a_i = g_i exp(s - lse_i) (one exp);
-     dL/du_i = s sum_j W_ij u_j. Off-diagonal tile: dU_I += W u_J, dU_J += W^T u_I; diagonal
-     tile: dU_I += W u_I only (W already holds both orders).
-   - cross: W_ij = gr_i Pr_ij + gc_j Pc_ij = E_ij (a_i + b_j); dU_I += W v_J, dV_J += W^T u_I.
-   Fallback: W from two exps, exp(S - lse_i) and exp(S - lse_j) (exp(s - lse) could overflow).
-   The W @ Z products run on the input dtype (W cast; for fp16 each row of W is scaled by its max
-   first). dU is an fp32 (2N, D) buffer filled with atomics from both sides of each tile: the
-   products loop over D in BLOCK_D chunks, so a block's whole (BLOCK, D) gradient cannot stay in
-   registers across tiles (D up to MAX_DIM); each chunk is added once per tile instead.
-   Alongside, neg_mass_i = sum_{j negative} P_ij (row sums; column sums for block J / k->q), and
-   dL/ds = sum_ij G_ij (u_i . u_j) gets sum W_ij S_ij / s (a diagonal nt_xent tile counts each
-   pair twice, hence half).
-5. `_bwd_rows_kernel` (row pass, both ops): the positive pair, G_i,p(i) = g_i (P_i,p(i) - 1) =
-   -g_i neg_mass_i (exact to fp32 relative precision even when P -> 1, where 1 - exp(S - lse)
-   would not be), giving du_i += s G u_p(i) from both directions and dL/ds += G cos_i; then the
-   normalisation backward dz_i = r_i (du_i - u_i (u_i . du_i)) (= du_i / eps when
-   ||z_i|| <= eps), cast to the input dtype.
-
-Nothing of size M*M is ever allocated: per-row vectors (r, l, m, lse, neg_mass) and the (2N, D) dU
-buffer. D is a constexpr (like HEAD_DIM in the fused-attention tutorial): one compile per width,
-known trip counts for the D loops (and no Python range() over a runtime scalar under the
-interpreter, which numpy >= 2.4 rejects).
+Kernels, in call order:
+1. `_prep_rows_kernel` (normalize=True only): per row, p = 2^floor(log2 max|x|) (exact power of two),
+   x' = x / p (exact; a copy in the input dtype, so tile dots never overflow or underflow whatever
+   the magnitude), rho = 1 / max(||x'||, eps / p) (so u = rho x' = n(x)) and r = rho / p
+   (= 1 / max(||x||, eps), for the normalisation backward).
+2. `_walk_kernel` with STATS=False (forward): online row max m, negatives' mass neg and positive mass
+   pos (both relative to m), the positive logit. lse = m + log(pos + neg);
+   loss = log1p(neg / pos) (never lse - S_pos: a saturated row keeps its relative precision and is
+   never negative), or lse - S_pos when pos underflows (loss > ~69, no cancellation there).
+3. Backward: `_walk_kernel` with STATS=True writes the per-row shift and 1/l the backward
+   uses. Fixed-shift regime (normalize and 2s <= 80, decided on the device from the loaded
+   scale): shift = s, 1/l = exp(s - lse) (no walk). Otherwise (running max) the walk recomputes
+   the exact row max m and l, because exp(S - lse) with lse rounded to fp32 at |lse| ~ s loses
+   ~s * 6e-8 relative precision (2e-4 at T = 1e-4), where exp(S - m) / l keeps the fp32
+   reference's precision.
+   `_bwd_kernel`: row-stationary full-square walk, no atomics:
+     W_ij = g_i P_ij + g_j P_ji over the negatives (P_ij = exp(S_ij - shift_i) / l_i),
+     dU_i = sum_j W_ij u_j in registers (fixed regime: W = E (g_i/l_i + g_j/l_j), one exp),
+     nm_i = sum_{j neg} P_ij, dscale partial = sum W_ij cos_ij / 2 (each pair seen from both rows).
+   Epilogue: positive pair weight w_t = G_ab + G_ba = -(g_a nm_a + g_b nm_b) (exact when P -> 1,
+   where P - 1 would cancel), du = s (dU + w u_partner), dz = r (du - u (u . du)), written in the
+   input dtype; dscale partial per program, summed in a fixed order by torch (deterministic).
+Nothing of size M*M, no fp32 (2N, D) buffer, no atomics anywhere: results are bit-identical on
+repeated calls.
 """
 import os
 
@@ -54,88 +44,91 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["ntxent_fwd", "ntxent_bwd", "cross_fwd", "cross_bwd", "MAX_DIM"]
+__all__ = ["ntxent_fwd", "ntxent_bwd", "cross_fwd", "cross_bwd", "MAX_DIM", "sm90_specs"]
 
-# The largest feature dimension D the launchers take (read by cl_fast._dispatch.max_dim). The D loops
-# impose no hard limit; the bound gives absurd widths a clear error (or the dispatcher's fallback)
-# instead of one compile and a kernel that re-reads every row per tile.
-MAX_DIM = 65536
+# The widest D the kernels take: the backward keeps a (H, D) fp32 gradient block per half in
+# registers, which at D = 1024 is the whole register file of 8 warps with H = 16.
+MAX_DIM = 1024
 
 # Under TRITON_INTERPRET=1, tl.dot on bf16 operands multiplies the raw bit patterns (triton issue
-# 11584), so the interpreter upcasts dot operands to fp32 after the cast to the input dtype (the
-# rounding a GPU would do is kept). On a GPU the fp16/bf16 tiles go to the tensor cores as they are.
+# 11584): the interpreter upcasts dot operands to fp32 after the cast to the input dtype. The
+# interpreter also passes scalar arguments as 1-element arrays, which range() rejects with
+# numpy >= 2.4: the column walk is a while loop there and a for loop (software-pipelined) on a GPU.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-UPCAST_DOT = _INTERPRET
 
-# Past this value of 2s, exp(S - s) may underflow (fp32 normal min ~ e^-87): use the max pass.
-_FIXED_SHIFT_LIMIT = 80.0
-
+# Past this value of 2s, exp(S - s) may underflow (fp32 normal min ~ e^-87): running max instead.
+_FIXED_SHIFT_LIMIT = tl.constexpr(80.0)
 _EPS = tl.constexpr(1e-12)
+_M_INIT = tl.constexpr(-3.0e38)  # finite "-inf" for the running max (exp(-inf - -inf) is NaN)
 
 
 # ---------------------------------------------------------------------------------------------
-# Block sizes: autotuned on a GPU (keyed on D; the autotuner adds the tensors' dtypes to the key),
-# one small fixed config under the interpreter. Tile kernels accumulate with atomics, so every
-# benchmark trial starts from reset buffers (reset_to_zero / restore_value).
-# (BLOCK_M = BLOCK_N, BLOCK_D, num_warps, num_stages). fp32 runs tl.dot on FMAs ("ieee"), which
-# keep whole BLOCK_D slices of both operands in registers: small BLOCK_D there. The backward holds
-# the W tile next to the products' accumulators: smaller tiles or more warps than the forward.
-# ptxas reports no register spills for any of these on sm_90 at D = 256 (compiled offline).
+# Tile configurations: (H, BN, num_warps, num_stages) per kernel kind, dtype class and D bucket.
+# H = rows per half (2H rows per program), BN = column block. The backward holds two (H, D_PAD)
+# fp32 accumulators: H * D_PAD * 2 / (32 * warps) registers each thread, kept <= 64.
+# Checked offline for sm_90 by tests/test_triton_sm90.py (no spills, shared <= 227 KB).
 # ---------------------------------------------------------------------------------------------
-_TILE_SHAPES = {
-    ("fwd", "fp32"): [(64, 16, 4, 3), (32, 32, 4, 3), (64, 32, 8, 3), (128, 16, 8, 3)],
-    ("fwd", "half"): [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 4), (64, 128, 8, 3)],
-    ("bwd", "fp32"): [(64, 16, 4, 3), (32, 32, 4, 3), (64, 32, 8, 3)],
-    ("bwd", "half"): [(64, 64, 4, 3), (64, 64, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3)],
+_CONFIGS = {
+    # forward / stats walk: row statistics only
+    ("walk", "half", 128): [(64, 64, 4, 3)],
+    ("walk", "half", 256): [(32, 64, 4, 3)],
+    ("walk", "half", 1024): [(16, 32, 4, 2)],
+    ("walk", "fp32", 128): [(64, 32, 4, 2)],
+    ("walk", "fp32", 256): [(32, 32, 4, 2)],
+    ("walk", "fp32", 1024): [(16, 32, 4, 2)],
+    # backward: two (H, D_PAD) fp32 accumulators
+    ("bwd", "half", 128): [(32, 64, 8, 2), (32, 32, 8, 2)],
+    ("bwd", "half", 256): [(16, 64, 8, 2)],
+    ("bwd", "half", 1024): [(16, 32, 8, 1)],
+    ("bwd", "fp32", 128): [(16, 32, 8, 2)],
+    ("bwd", "fp32", 256): [(16, 32, 8, 1)],
+    ("bwd", "fp32", 1024): [(16, 16, 8, 1)],
 }
-_INTERPRET_SHAPE = (32, 64, 4, 1)
-_CONFIG_DTYPE = {}  # id(config) -> "fp32" / "half", read by the pruning
-
-
-# CL_FAST_AUTOTUNE=0 keeps only the first config of each dtype class: no tuning sweep, one compile
-# per (D, dtype) - what a test run over many widths wants on a GPU.
+_INTERPRET_SHAPE = (16, 32, 4, 1)
 _AUTOTUNE = os.environ.get("CL_FAST_AUTOTUNE", "1") != "0"
 
 
-def _tile_configs(kind, square):
+def _d_bucket(d_pad):
+    return 128 if d_pad <= 128 else 256 if d_pad <= 256 else 1024
+
+
+def _dtype_class(dtype):
+    return "fp32" if dtype == torch.float32 else "half"
+
+
+def configs_for(kind, dtype_class, d_pad):
+    """The (H, BN, num_warps, num_stages) tuples a kernel kind is tuned over for one width."""
     if _INTERPRET:
-        shapes = [("fp32", _INTERPRET_SHAPE)]
+        return [_INTERPRET_SHAPE]
+    shapes = _CONFIGS[kind, dtype_class, _d_bucket(d_pad)]
+    return shapes if _AUTOTUNE else shapes[:1]
+
+
+def _all_configs(kind):
+    if _INTERPRET:
+        shapes = [_INTERPRET_SHAPE]
     else:
-        count = None if _AUTOTUNE else 1
-        shapes = [(cls, shape) for cls in ("fp32", "half") for shape in _TILE_SHAPES[kind, cls][:count]]
-    configs = []
-    for dtype_class, (block, block_d, warps, stages) in shapes:
-        meta = {"BLOCK": block} if square else {"BLOCK_M": block, "BLOCK_N": block}
-        config = triton.Config(dict(meta, BLOCK_D=block_d), num_warps=warps, num_stages=stages)
-        _CONFIG_DTYPE[id(config)] = dtype_class
-        configs.append(config)
-    return configs
+        shapes = sorted({s for (k, _, _), v in _CONFIGS.items() if k == kind for s in v})
+    return [triton.Config({"H": h, "BN": bn}, num_warps=w, num_stages=st) for h, bn, w, st in shapes]
 
 
-def _prune(configs, named_args, **kwargs):
-    """Keep the configs of the inputs' dtype class. D is a constexpr, so every config is a compile:
-    clamp BLOCK_D to D's power of two and drop the configs that become duplicates."""
-    inputs = named_args.get("z1_ptr", named_args.get("q_ptr"))
-    dtype_class = "fp32" if inputs.dtype == torch.float32 else "half"
-    cap = max(16, triton.next_power_of_2(named_args["D"]))
-    pruned = {}
-    for c in configs:
-        if _CONFIG_DTYPE[id(c)] != dtype_class:
-            continue
-        meta = dict(c.kwargs, BLOCK_D=min(c.kwargs["BLOCK_D"], cap))
-        key = (tuple(sorted(meta.items())), c.num_warps, c.num_stages)
-        pruned.setdefault(key, triton.Config(meta, num_warps=c.num_warps, num_stages=c.num_stages))
-    return list(pruned.values())
+def _pruner(kind):
+    def prune(configs, named_args, **kwargs):
+        cls = _dtype_class(named_args["a_ptr"].dtype)
+        wanted = set(configs_for(kind, cls, triton.next_power_of_2(named_args["D"])))
+        return [c for c in configs if (c.kwargs["H"], c.kwargs["BN"], c.num_warps, c.num_stages) in wanted]
+    return prune
 
 
-def _tuned(kind, square, **hooks):
-    return triton.autotune(configs=_tile_configs(kind, square), key=["D"],
-                           prune_configs_by={"early_config_prune": _prune}, **hooks)
+def _tuned(kind):
+    # The key holds D (with the dtypes, which the autotuner adds) and a bucket of the row count, so a
+    # config tuned at N = 512 is not reused at N = 32768.
+    return triton.autotune(configs=_all_configs(kind), key=["D", "N_BUCKET"],
+                           prune_configs_by={"early_config_prune": _pruner(kind)})
 
 
-_ROW_BLOCK = 16
-_ROW_BLOCK_D = 64
-_VEC_BLOCK = 64 if _INTERPRET else 1024
+def _n_bucket(n):
+    return min(triton.next_power_of_2(n), 1 << 16)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,521 +136,660 @@ _VEC_BLOCK = 64 if _INTERPRET else 1024
 # ---------------------------------------------------------------------------------------------
 @triton.jit
 def _dot(a, b, UPCAST_DOT: tl.constexpr):
-    """a @ b accumulated in fp32; exact fp32 products for fp32 inputs (accuracy target 1e-4)."""
+    """a @ b on the tensor cores, fp32 accumulation. fp32 operands go through tf32x3 (three tf32
+    products, ~fp32 accuracy): plain tf32 (10-bit mantissa) puts ~5e-4 relative error on each cosine,
+    1e-3 on a logit at s = 2, past the 1e-4 fp32 tolerance (DESIGN.md, numerics)."""
     if UPCAST_DOT:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     if a.dtype == tl.float32:
-        return tl.dot(a, b, input_precision="ieee")
-    else:
-        return tl.dot(a, b)
+        return tl.dot(a, b, input_precision="tf32x3")
+    return tl.dot(a, b)
 
 
 @triton.jit
-def _triangle_tile(pid):
-    """Program id -> tile (I, J), I <= J, enumerating the upper triangle column by column:
-    pid = J (J + 1) / 2 + I. The float sqrt guess is fixed up by one step either way."""
-    J = ((tl.sqrt((8 * pid + 1).to(tl.float32)) - 1.0) * 0.5).to(tl.int32)
-    J = tl.where(J * (J + 1) // 2 > pid, J - 1, J)
-    J = tl.where((J + 1) * (J + 2) // 2 <= pid, J + 1, J)
-    return pid - J * (J + 1) // 2, J
+def _load_rows(ptr, idx, mask, D: tl.constexpr, D_PAD: tl.constexpr):
+    cols = tl.arange(0, D_PAD)
+    offs = idx.to(tl.int64)[:, None] * D + cols[None, :]
+    return tl.load(ptr + offs, mask=mask[:, None] & (cols < D)[None, :], other=0.0)
 
 
 @triton.jit
-def _cat_rows(z1_ptr, z2_ptr, rows, N, D):
-    """Row pointers into Z = cat(z1, z2) without materialising the concatenation."""
-    rows64 = rows.to(tl.int64)
-    return tl.where(rows < N, z1_ptr + rows64 * D, z2_ptr + (rows64 - N) * D)
+def _store_rows(ptr, idx, mask, value, D: tl.constexpr, D_PAD: tl.constexpr):
+    cols = tl.arange(0, D_PAD)
+    offs = idx.to(tl.int64)[:, None] * D + cols[None, :]
+    tl.store(ptr + offs, value.to(ptr.dtype.element_ty), mask=mask[:, None] & (cols < D)[None, :])
 
 
 @triton.jit
-def _tile_dot(base_i, mask_i, base_j, mask_j, D,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-              UPCAST_DOT: tl.constexpr):
-    """Raw dots z_i . z_j of a (BLOCK_M, BLOCK_N) tile, looping over D."""
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
-        col_mask = cols < D
-        a = tl.load(base_i[:, None] + cols[None, :], mask=mask_i[:, None] & col_mask[None, :], other=0.0)
-        b = tl.load(base_j[:, None] + cols[None, :], mask=mask_j[:, None] & col_mask[None, :], other=0.0)
-        acc += _dot(a, tl.trans(b), UPCAST_DOT)
-    return acc
+def _store_block(ptr, first_row, R, value, D: tl.constexpr, H: tl.constexpr, D_PAD: tl.constexpr):
+    """Store a (H, D_PAD) block at rows first_row.. of an (R, D) tensor through a block pointer
+    (bounds-checked; no per-element address registers in the epilogue)."""
+    block = tl.make_block_ptr(ptr, shape=(R, D), strides=(D, 1), offsets=(first_row, 0),
+                              block_shape=(H, D_PAD), order=(1, 0))
+    tl.store(block, value.to(ptr.dtype.element_ty), boundary_check=(0, 1))
 
 
 @triton.jit
-def _add_weighted_rows(out_ptr, out_rows, out_mask, w, base_z, z_mask, D,
-                       BLOCK_D: tl.constexpr, UPCAST_DOT: tl.constexpr):
-    """out[out_rows] += w @ Z (fp32 atomics), Z's rows given by the pointers base_z, looping over D.
+def _cosines(x, rho_x, c, rho_c, NORMALIZE: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """cos_ij = u_i . u_j of a (rows, BN) tile (raw dots when not NORMALIZE)."""
+    dots = _dot(x, tl.trans(c), UPCAST_DOT)
+    if NORMALIZE:
+        # rho_i rho_j first: cos_ij is then bit-identical to cos_ji (the dot is), so exp(S_ij - m_j)
+        # of the backward's column term is exactly 1 at row j's max, as in a row-wise softmax
+        dots = dots * (rho_x[:, None] * rho_c[None, :])
+    return dots
 
-    w (fp32) is cast to the input dtype for the tensor cores. fp16 has 5 exponent bits and weights
-    like g_i P_ij ~ 1/M^2 would flush to zero, so for fp16 each row of w is divided by its max
-    (exact algebra: the product's row is multiplied back in fp32). bf16 keeps fp32's exponent range.
+
+# ---------------------------------------------------------------------------------------------
+# Row preparation (normalize=True): scaled copy, rho, r
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _prep_rows_kernel(x_ptr, xs_ptr, rho_ptr, r_ptr, R, D: tl.constexpr, D_PAD: tl.constexpr,
+                      BLOCK_R: tl.constexpr):
+    """For R rows of x: xs = x / p, rho = 1 / max(||xs||, eps / p), r = rho / p, p = 2^floor(log2 max|x|).
+
+    ||x|| = p ||xs|| with ||xs|| in [1, sqrt(D)): the norm never overflows (as torch.linalg.vector_norm
+    scales by the max) and the tile dots of xs never overflow or underflow, for any finite x.
     """
-    DTYPE: tl.constexpr = base_z.dtype.element_ty
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask = rows < R
+    x = _load_rows(x_ptr, rows, mask, D, D_PAD).to(tl.float32)
+    amax = tl.max(tl.abs(x), 1)
+    # exponent bits of amax: an exact power of two <= amax (0 for zero or subnormal rows -> p = 1)
+    p = (amax.to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)
+    p = tl.where(p > 0, p, 1.0)
+    inv_p = 1.0 / p
+    xs = x * inv_p[:, None]
+    norm_s = tl.sqrt_rn(tl.sum(xs * xs, 1))
+    rho = 1.0 / tl.maximum(norm_s, _EPS * inv_p)
+    _store_rows(xs_ptr, rows, mask, xs, D, D_PAD)
+    tl.store(rho_ptr + rows, rho, mask=mask)
+    tl.store(r_ptr + rows, rho * inv_p, mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward walk: online row statistics
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _walk_tile(x, rho_x, t, c, rho_c, cols, special, scale, N, m, neg, pos, spos,
+               IS_SELF: tl.constexpr, NORMALIZE: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """Fold one column block into the running (max m, negatives' mass neg, positive mass pos,
+    positive logit spos) of the rows x. The diagonal entry (column index == t) is the row itself
+    (IS_SELF: excluded) or its positive."""
+    S = scale * _cosines(x, rho_x, c, rho_c, NORMALIZE, UPCAST_DOT)
+    if special:
+        diag = t[:, None] == cols[None, :]
+        inside = (cols < N)[None, :] & (t >= 0)[:, None]
+        if IS_SELF:
+            candidate = inside & (~diag)
+        else:
+            candidate = inside
+        S_c = tl.where(candidate, S, float("-inf"))
+        m_new = tl.maximum(m, tl.max(S_c, 1))
+        alpha = tl.exp(m - m_new)
+        E = tl.exp(S_c - m_new[:, None])
+        if IS_SELF:
+            neg = neg * alpha + tl.sum(E, 1)
+            pos = pos * alpha
+        else:
+            is_pos = diag & inside
+            neg = neg * alpha + tl.sum(tl.where(is_pos, 0.0, E), 1)
+            pos = pos * alpha + tl.sum(tl.where(is_pos, E, 0.0), 1)
+            spos += tl.sum(tl.where(is_pos, S, 0.0), 1)
+    else:
+        m_new = tl.maximum(m, tl.max(S, 1))
+        alpha = tl.exp(m - m_new)
+        neg = neg * alpha + tl.sum(tl.exp(S - m_new[:, None]), 1)
+        pos = pos * alpha
+    return m_new, neg, pos, spos
+
+
+@triton.jit
+def _walk_step(j, t0, xa, rho_a, xb, rho_b, t, ca_ptr, cb_ptr, rho_ca_ptr, rho_cb_ptr, scale, N,
+               ma, nega, posa, sposa, mb, negb, posb, sposb,
+               SELF_A: tl.constexpr, SELF_B: tl.constexpr, SAME_COLS: tl.constexpr, DO_B: tl.constexpr,
+               NORMALIZE: tl.constexpr, H: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
+               D_PAD: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    cols = j * BN + tl.arange(0, BN)
+    col_mask = cols < N
+    # masked path only where the block meets the pair block's diagonal [t0, t0 + H) or N's edge
+    special = ((j * BN < t0 + H) & (j * BN + BN > t0)) | (j * BN + BN > N)
+    ca = _load_rows(ca_ptr, cols, col_mask, D, D_PAD)
+    if NORMALIZE:
+        rho_ca = tl.load(rho_ca_ptr + cols, mask=col_mask, other=0.0)
+    else:
+        rho_ca = cols
+    ma, nega, posa, sposa = _walk_tile(xa, rho_a, t, ca, rho_ca, cols, special, scale, N,
+                                       ma, nega, posa, sposa, SELF_A, NORMALIZE, UPCAST_DOT)
+    if DO_B:
+        if SAME_COLS:
+            cb = ca
+            rho_cb = rho_ca
+        else:
+            cb = _load_rows(cb_ptr, cols, col_mask, D, D_PAD)
+            if NORMALIZE:
+                rho_cb = tl.load(rho_cb_ptr + cols, mask=col_mask, other=0.0)
+            else:
+                rho_cb = cols
+        mb, negb, posb, sposb = _walk_tile(xb, rho_b, t, cb, rho_cb, cols, special, scale, N,
+                                           mb, negb, posb, sposb, SELF_B, NORMALIZE, UPCAST_DOT)
+    return ma, nega, posa, sposa, mb, negb, posb, sposb
+
+
+@triton.jit
+def _walk(t0, xa, rho_a, xb, rho_b, t, ca_ptr, cb_ptr, rho_ca_ptr, rho_cb_ptr, scale, N,
+          ma, nega, posa, sposa, mb, negb, posb, sposb,
+          SELF_A: tl.constexpr, SELF_B: tl.constexpr, SAME_COLS: tl.constexpr, DO_B: tl.constexpr,
+          NORMALIZE: tl.constexpr, H: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
+          D_PAD: tl.constexpr, UPCAST_DOT: tl.constexpr, INTERPRET: tl.constexpr):
+    n_blocks = tl.cdiv(N, BN)
+    if INTERPRET:
+        j = 0
+        while j < n_blocks:
+            ma, nega, posa, sposa, mb, negb, posb, sposb = _walk_step(
+                j, t0, xa, rho_a, xb, rho_b, t, ca_ptr, cb_ptr, rho_ca_ptr, rho_cb_ptr, scale, N,
+                ma, nega, posa, sposa, mb, negb, posb, sposb,
+                SELF_A, SELF_B, SAME_COLS, DO_B, NORMALIZE, H, BN, D, D_PAD, UPCAST_DOT)
+            j += 1
+    else:
+        for j in range(0, n_blocks):
+            ma, nega, posa, sposa, mb, negb, posb, sposb = _walk_step(
+                j, t0, xa, rho_a, xb, rho_b, t, ca_ptr, cb_ptr, rho_ca_ptr, rho_cb_ptr, scale, N,
+                ma, nega, posa, sposa, mb, negb, posb, sposb,
+                SELF_A, SELF_B, SAME_COLS, DO_B, NORMALIZE, H, BN, D, D_PAD, UPCAST_DOT)
+    return ma, nega, posa, sposa, mb, negb, posb, sposb
+
+
+@triton.jit
+def _row_loss(m, neg, pos, spos):
+    """(lse, loss) of rows from their running statistics; loss = log1p(neg / pos) >= 0 unless the
+    positive's mass underflowed (pos < 1e-30: loss > 69, where lse - S_pos loses nothing)."""
+    lse = m + tl.log(pos + neg)
+    ok = pos > 1e-30
+    loss = tl.where(ok, _log1p(neg / tl.where(ok, pos, 1.0)), lse - spos)
+    return lse, loss
+
+
+@triton.jit
+def _log1p(x):
+    """log(1 + x) to fp32 relative precision for x >= 0 (log(1 + x) loses it for x < ~1e-4):
+    with v = 1 + x rounded, log(v) * x / (v - 1) is exact to rounding (Goldberg's trick)."""
+    v = 1.0 + x
+    return tl.where(v == 1.0, x, tl.log(v) * (x / (v - 1.0)))
+
+
+@_tuned("walk")
+@triton.jit
+def _walk_kernel(a_ptr, b_ptr, rho_ptr, scale_ptr, lse_a_ptr, lse_b_ptr, out1_a_ptr, out1_b_ptr,
+                 out2_a_ptr, out2_b_ptr, N, N_BUCKET, D: tl.constexpr, D_PAD: tl.constexpr,
+                 NTXENT: tl.constexpr, BOTH: tl.constexpr, NORMALIZE: tl.constexpr, STATS: tl.constexpr,
+                 H: tl.constexpr, BN: tl.constexpr, UPCAST_DOT: tl.constexpr, INTERPRET: tl.constexpr):
+    """Forward (STATS=False): out1 = lse, out2 = per-row loss, for the a rows (and the b rows: nt_xent,
+    or cross with BOTH). Backward statistics (STATS=True): out1 = shift, out2 = 1/l for both halves;
+    fixed regime: shift = s, 1/l = exp(s - lse) from the saved lse (lse_*_ptr), no walk."""
+    scale = tl.load(scale_ptr)
+    t0 = tl.program_id(0) * H
+    t = t0 + tl.arange(0, H)
+    row_mask = t < N
+    DO_B: tl.constexpr = NTXENT or BOTH
+    if STATS:
+        fixed = False
+        if NORMALIZE:
+            fixed = 2.0 * scale <= _FIXED_SHIFT_LIMIT
+        if fixed:
+            tl.store(out1_a_ptr + t, tl.zeros((H,), tl.float32) + scale, mask=row_mask)
+            tl.store(out2_a_ptr + t, tl.exp(scale - tl.load(lse_a_ptr + t, mask=row_mask, other=0.0)),
+                     mask=row_mask)
+            if DO_B:
+                tl.store(out1_b_ptr + t, tl.zeros((H,), tl.float32) + scale, mask=row_mask)
+                tl.store(out2_b_ptr + t, tl.exp(scale - tl.load(lse_b_ptr + t, mask=row_mask, other=0.0)),
+                         mask=row_mask)
+        else:
+            ma, nega, posa, sposa, mb, negb, posb, sposb = _row_walks(
+                a_ptr, b_ptr, rho_ptr, scale, t0, t, row_mask, N, NTXENT, BOTH, NORMALIZE, H, BN, D,
+                D_PAD, UPCAST_DOT, INTERPRET)
+            tl.store(out1_a_ptr + t, ma, mask=row_mask)
+            tl.store(out2_a_ptr + t, 1.0 / (nega + posa), mask=row_mask)
+            if DO_B:
+                tl.store(out1_b_ptr + t, mb, mask=row_mask)
+                tl.store(out2_b_ptr + t, 1.0 / (negb + posb), mask=row_mask)
+    else:
+        ma, nega, posa, sposa, mb, negb, posb, sposb = _row_walks(
+            a_ptr, b_ptr, rho_ptr, scale, t0, t, row_mask, N, NTXENT, BOTH, NORMALIZE, H, BN, D,
+            D_PAD, UPCAST_DOT, INTERPRET)
+        lse_a, loss_a = _row_loss(ma, nega, posa, sposa)
+        tl.store(out1_a_ptr + t, lse_a, mask=row_mask)
+        tl.store(out2_a_ptr + t, loss_a, mask=row_mask)
+        if DO_B:
+            lse_b, loss_b = _row_loss(mb, negb, posb, sposb)
+            tl.store(out1_b_ptr + t, lse_b, mask=row_mask)
+            tl.store(out2_b_ptr + t, loss_b, mask=row_mask)
+
+
+@triton.jit
+def _row_walks(a_ptr, b_ptr, rho_ptr, scale, t0, t, row_mask, N, NTXENT: tl.constexpr, BOTH: tl.constexpr,
+               NORMALIZE: tl.constexpr, H: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
+               D_PAD: tl.constexpr, UPCAST_DOT: tl.constexpr, INTERPRET: tl.constexpr):
+    """Running statistics (m, neg, pos, spos) of the a rows and the b rows of the pair block."""
+    xa = _load_rows(a_ptr, t, row_mask, D, D_PAD)
+    xb = _load_rows(b_ptr, t, row_mask, D, D_PAD)
+    if NORMALIZE:
+        rho_a = tl.load(rho_ptr + t, mask=row_mask, other=0.0)
+        rho_b = tl.load(rho_ptr + N + t, mask=row_mask, other=0.0)
+    else:
+        rho_a = t
+        rho_b = t
+    zero = tl.zeros((H,), tl.float32)
+    ma = zero + _M_INIT
+    mb = zero + _M_INIT
+    nega, posa, sposa, negb, posb, sposb = zero, zero, zero, zero, zero, zero
+    if NTXENT:
+        # columns z1: a rows meet themselves, b rows their positives; then columns z2
+        ma, nega, posa, sposa, mb, negb, posb, sposb = _walk(
+            t0, xa, rho_a, xb, rho_b, t, a_ptr, a_ptr, rho_ptr, rho_ptr, scale, N,
+            ma, nega, posa, sposa, mb, negb, posb, sposb,
+            True, False, True, True, NORMALIZE, H, BN, D, D_PAD, UPCAST_DOT, INTERPRET)
+        ma, nega, posa, sposa, mb, negb, posb, sposb = _walk(
+            t0, xa, rho_a, xb, rho_b, t, b_ptr, b_ptr, rho_ptr + N, rho_ptr + N, scale, N,
+            ma, nega, posa, sposa, mb, negb, posb, sposb,
+            False, True, True, True, NORMALIZE, H, BN, D, D_PAD, UPCAST_DOT, INTERPRET)
+    else:
+        # q rows meet k columns, k rows meet q columns (only when BOTH directions are wanted)
+        ma, nega, posa, sposa, mb, negb, posb, sposb = _walk(
+            t0, xa, rho_a, xb, rho_b, t, b_ptr, a_ptr, rho_ptr + N, rho_ptr, scale, N,
+            ma, nega, posa, sposa, mb, negb, posb, sposb,
+            False, False, False, BOTH, NORMALIZE, H, BN, D, D_PAD, UPCAST_DOT, INTERPRET)
+    return ma, nega, posa, sposa, mb, negb, posb, sposb
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward walk: dU in registers
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _grad_tile(x, rho_x, g_x, shift_x, inv_l_x, t, c, rho_c, g_c, shift_c, inv_l_c, cols, special,
+               scale, N, acc, nm, dsc, FIXED: tl.constexpr, ROW_TERM: tl.constexpr, COL_TERM: tl.constexpr,
+               NORMALIZE: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """acc += W u_c, nm += sum of the negatives' P_ij, dsc += sum W cos, for one column block.
+
+    W_ij = g_i P_ij [ROW_TERM] + g_j P_ji [COL_TERM], P_ij = exp(S_ij - shift_i) / l_i. Fixed
+    regime (shift = s everywhere): E = exp(S - s), W = E (g_i/l_i + g_j/l_j), one exp per entry."""
+    cos = _cosines(x, rho_x, c, rho_c, NORMALIZE, UPCAST_DOT)
+    S = scale * cos
+    if FIXED:
+        E = tl.exp(S - scale)
+        P_row = E * inv_l_x[:, None]
+        if ROW_TERM and COL_TERM:
+            W = E * ((g_x * inv_l_x)[:, None] + (g_c * inv_l_c)[None, :])
+        elif ROW_TERM:
+            W = E * (g_x * inv_l_x)[:, None]
+        else:
+            W = E * (g_c * inv_l_c)[None, :]
+    else:
+        P_row = tl.exp(S - shift_x[:, None]) * inv_l_x[:, None]
+        if ROW_TERM and COL_TERM:
+            W = g_x[:, None] * P_row + (g_c * inv_l_c)[None, :] * tl.exp(S - shift_c[None, :])
+        elif ROW_TERM:
+            W = g_x[:, None] * P_row
+        else:
+            W = (g_c * inv_l_c)[None, :] * tl.exp(S - shift_c[None, :])
+    if special:
+        negative = (cols < N)[None, :] & (t[:, None] != cols[None, :])
+        W = tl.where(negative, W, 0.0)
+        P_row = tl.where(negative, P_row, 0.0)
+    if ROW_TERM:
+        nm += tl.sum(P_row, 1)
+    dsc += tl.sum(W * cos, 1)
+    if NORMALIZE:
+        W = W * rho_c[None, :]  # u_j = rho_j x'_j
+    DTYPE: tl.constexpr = c.dtype
     if DTYPE == tl.float16:
-        w_scale = tl.max(tl.abs(w), 1)
+        # fp16 has 5 exponent bits and weights like g P ~ 1/M^2 flush to zero: scale each row of
+        # the tile to its max (exact algebra, multiplied back in fp32)
+        w_scale = tl.max(tl.abs(W), 1)
         w_scale = tl.where(w_scale > 0, w_scale, 1.0)
-        w = w / w_scale[:, None]
-    w = w.to(DTYPE)
-    out_base = out_rows.to(tl.int64) * D
-    for d0 in range(0, D, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
-        col_mask = cols < D
-        z = tl.load(base_z[:, None] + cols[None, :], mask=z_mask[:, None] & col_mask[None, :], other=0.0)
-        part = _dot(w, z, UPCAST_DOT)
-        if DTYPE == tl.float16:
-            part = part * w_scale[:, None]
-        tl.atomic_add(out_ptr + out_base[:, None] + cols[None, :], part,
-                      mask=out_mask[:, None] & col_mask[None, :])
-
-
-@triton.jit
-def _ntxent_logits(z1_ptr, z2_ptr, r_ptr, scale, rows_i, rows_j, N, M, D,
-                   BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST_DOT: tl.constexpr):
-    """S tile of Z Z^T and the mask of its counted entries (inside M, self excluded)."""
-    mask_i = rows_i < M
-    mask_j = rows_j < M
-    base_i = _cat_rows(z1_ptr, z2_ptr, rows_i, N, D)
-    base_j = _cat_rows(z1_ptr, z2_ptr, rows_j, N, D)
-    acc = _tile_dot(base_i, mask_i, base_j, mask_j, D, BLOCK, BLOCK, BLOCK_D, UPCAST_DOT)
-    r_i = tl.load(r_ptr + rows_i, mask=mask_i, other=0.0)
-    r_j = tl.load(r_ptr + rows_j, mask=mask_j, other=0.0)
-    S = acc * ((scale * r_i)[:, None] * r_j[None, :])
-    valid = mask_i[:, None] & mask_j[None, :] & (rows_i[:, None] != rows_j[None, :])
-    return S, valid, base_i, base_j, r_i, r_j
-
-
-@triton.jit
-def _cross_logits(q_ptr, k_ptr, r_ptr, scale, rows, cols, N, D,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                  UPCAST_DOT: tl.constexpr):
-    """S tile of q k^T (r holds [r(q), r(k)]) and the mask of entries inside N x N."""
-    mask_i = rows < N
-    mask_j = cols < N
-    base_q = q_ptr + rows.to(tl.int64) * D
-    base_k = k_ptr + cols.to(tl.int64) * D
-    acc = _tile_dot(base_q, mask_i, base_k, mask_j, D, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST_DOT)
-    r_q = tl.load(r_ptr + rows, mask=mask_i, other=0.0)
-    r_k = tl.load(r_ptr + N + cols, mask=mask_j, other=0.0)
-    S = acc * ((scale * r_q)[:, None] * r_k[None, :])
-    valid = mask_i[:, None] & mask_j[None, :]
-    return S, valid, base_q, base_k, r_q, r_k
-
-
-# ---------------------------------------------------------------------------------------------
-# Row kernels (shared by both ops; a_i pairs with b_i: z1/z2 for nt_xent, q/k for cross)
-# ---------------------------------------------------------------------------------------------
-@triton.jit
-def _row_norms_kernel(a_ptr, b_ptr, r_ptr, cos_ptr, N, D: tl.constexpr,
-                      BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """r[:N] = r(a), r[N:] = r(b), cos_i = u(a_i) . u(b_i)."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_mask = rows < N
-    base = rows.to(tl.int64) * D
-    aa = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    bb = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    ab = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
-        mask = row_mask[:, None] & (cols < D)[None, :]
-        offs = base[:, None] + cols[None, :]
-        a = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        b = tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        aa += tl.sum(a * a, 1)
-        bb += tl.sum(b * b, 1)
-        ab += tl.sum(a * b, 1)
-    r_a = 1.0 / tl.maximum(tl.sqrt_rn(aa), _EPS)
-    r_b = 1.0 / tl.maximum(tl.sqrt_rn(bb), _EPS)
-    tl.store(r_ptr + rows, r_a, mask=row_mask)
-    tl.store(r_ptr + N + rows, r_b, mask=row_mask)
-    tl.store(cos_ptr + rows, ab * r_a * r_b, mask=row_mask)
-
-
-@triton.jit
-def _lse_loss_kernel(l_ptr, m_ptr, cos_ptr, lse_ptr, loss_ptr, scale, N, L,
-                     FIXED_SHIFT: tl.constexpr, BLOCK: tl.constexpr):
-    """lse_i = shift_i + log l_i, loss_i = lse_i - s cos_(i mod N), for L = N or 2N rows."""
-    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = idx < L
-    l = tl.load(l_ptr + idx, mask=mask, other=1.0)
-    if FIXED_SHIFT:
-        lse = scale + tl.log(l)
+        acc += _dot((W / w_scale[:, None]).to(DTYPE), c, UPCAST_DOT) * w_scale[:, None]
     else:
-        lse = tl.load(m_ptr + idx, mask=mask, other=0.0) + tl.log(l)
-    pos = scale * tl.load(cos_ptr + idx % N, mask=mask, other=0.0)
-    tl.store(lse_ptr + idx, lse, mask=mask)
-    tl.store(loss_ptr + idx, lse - pos, mask=mask)
+        acc += _dot(W.to(DTYPE), c, UPCAST_DOT)
+    return acc, nm, dsc
 
 
 @triton.jit
-def _bwd_rows_kernel(a_ptr, b_ptr, dU_ptr, neg_mass_ptr, ga_ptr, gb_ptr, da_ptr, db_ptr, dscale_ptr,
-                     scale, N, D: tl.constexpr,
-                     HAS_GB: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """dU[:N] / dU[N:] hold sum_j W_ij u_j for the a / b rows (without the factor s), positives excluded.
+def _grad_step(j, t0, t, x, rho_x, g_x, shift_x, inv_l_x, c_ptr, cstat, scale, N, acc, nm, dsc,
+               FIXED: tl.constexpr, ROW_TERM: tl.constexpr, COL_TERM: tl.constexpr, NORMALIZE: tl.constexpr,
+               H: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+               UPCAST_DOT: tl.constexpr):
+    """One column block of c for one half. cstat = (rho, g, shift, 1/l) pointers of the columns' own
+    rows (column j is row j of the tensor c)."""
+    cols = j * BN + tl.arange(0, BN)
+    col_mask = cols < N
+    special = ((j * BN < t0 + H) & (j * BN + BN > t0)) | (j * BN + BN > N)
+    rho_c_ptr, g_c_ptr, shift_c_ptr, inv_l_c_ptr = cstat
+    c = _load_rows(c_ptr, cols, col_mask, D, D_PAD)
+    if NORMALIZE:
+        rho_c = tl.load(rho_c_ptr + cols, mask=col_mask, other=0.0)
+    else:
+        rho_c = cols
+    g_c = tl.load(g_c_ptr + cols, mask=col_mask, other=0.0)
+    shift_c = tl.load(shift_c_ptr + cols, mask=col_mask, other=0.0)
+    inv_l_c = tl.load(inv_l_c_ptr + cols, mask=col_mask, other=0.0)
+    return _grad_tile(x, rho_x, g_x, shift_x, inv_l_x, t, c, rho_c, g_c, shift_c, inv_l_c, cols, special,
+                      scale, N, acc, nm, dsc, FIXED, ROW_TERM, COL_TERM, NORMALIZE, UPCAST_DOT)
 
-    The positive pair's weight is w = g_a (P_ab - 1) + g_b (P_ba - 1) = -(g_a nm_a + g_b nm_b), with
-    nm = neg_mass = sum of P over the negatives. For a well-separated pair P_ab -> 1: 1 - P_ab from
-    exp(s cos - lse) would carry lse's absolute rounding (~s * 2^-24), and rounding P_ab to the tile
-    dot's fp16/bf16 before subtracting 1 would swamp the gradient; the negative mass keeps w to
-    fp32 relative precision.
-      du_a = s (dU_a + w u_b),  du_b = s (dU_b + w u_a),
-      u_a . du_a = s (r_a (a . dU_a) + w cos),  dz_a = r_a (du_a - u_a (u_a . du_a)).
-    Pass 1 accumulates the dots, pass 2 writes dz; dL/ds gets sum w cos.
-    """
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_mask = rows < N
-    base = rows.to(tl.int64) * D
-    base_b = (rows + N).to(tl.int64) * D
-    aa = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    bb = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    ab = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    a_dUa = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    b_dUb = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
-        mask = row_mask[:, None] & (cols < D)[None, :]
-        offs = base[:, None] + cols[None, :]
-        a = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        b = tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        dUa = tl.load(dU_ptr + offs, mask=mask, other=0.0)
-        dUb = tl.load(dU_ptr + base_b[:, None] + cols[None, :], mask=mask, other=0.0)
-        aa += tl.sum(a * a, 1)
-        bb += tl.sum(b * b, 1)
-        ab += tl.sum(a * b, 1)
-        a_dUa += tl.sum(a * dUa, 1)
-        b_dUb += tl.sum(b * dUb, 1)
-    norm_a = tl.sqrt_rn(aa)
-    norm_b = tl.sqrt_rn(bb)
-    r_a = 1.0 / tl.maximum(norm_a, _EPS)
-    r_b = 1.0 / tl.maximum(norm_b, _EPS)
-    cos = ab * r_a * r_b
-    g_a = tl.load(ga_ptr + rows, mask=row_mask, other=0.0)
-    w = -g_a * tl.load(neg_mass_ptr + rows, mask=row_mask, other=0.0)
+
+@triton.jit
+def _grad_walk(t0, t, x, rho_x, g_x, shift_x, inv_l_x, c_ptr, cstat, scale, N, acc, nm, dsc,
+               FIXED: tl.constexpr, ROW_TERM: tl.constexpr, COL_TERM: tl.constexpr, NORMALIZE: tl.constexpr,
+               H: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+               UPCAST_DOT: tl.constexpr, INTERPRET: tl.constexpr):
+    """Stream the column blocks of c past one half of the pair block (one half's tiles live at a time)."""
+    n_blocks = tl.cdiv(N, BN)
+    if INTERPRET:
+        j = 0
+        while j < n_blocks:
+            acc, nm, dsc = _grad_step(j, t0, t, x, rho_x, g_x, shift_x, inv_l_x, c_ptr, cstat, scale, N,
+                                      acc, nm, dsc, FIXED, ROW_TERM, COL_TERM, NORMALIZE, H, BN, D, D_PAD,
+                                      UPCAST_DOT)
+            j += 1
+    else:
+        for j in range(0, n_blocks):
+            acc, nm, dsc = _grad_step(j, t0, t, x, rho_x, g_x, shift_x, inv_l_x, c_ptr, cstat, scale, N,
+                                      acc, nm, dsc, FIXED, ROW_TERM, COL_TERM, NORMALIZE, H, BN, D, D_PAD,
+                                      UPCAST_DOT)
+    return acc, nm, dsc
+
+
+@triton.jit
+def _grad_walks(t0, t, xa, rho_a, ga, shift_a, inv_l_a, xb, rho_b, gb, shift_b, inv_l_b,
+                a_ptr, b_ptr, stat_a, stat_b, scale, N, acc_a, nm_a, dsc_a, acc_b, nm_b, dsc_b,
+                FIXED: tl.constexpr, NTXENT: tl.constexpr, BOTH: tl.constexpr, NORMALIZE: tl.constexpr,
+                H: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+                UPCAST_DOT: tl.constexpr, INTERPRET: tl.constexpr):
+    if NTXENT:
+        # every row against all of Z = [z1; z2]; self and positive are both left out of W
+        acc_a, nm_a, dsc_a = _grad_walk(t0, t, xa, rho_a, ga, shift_a, inv_l_a, a_ptr, stat_a, scale, N,
+                                        acc_a, nm_a, dsc_a, FIXED, True, True, NORMALIZE, H, BN, D, D_PAD,
+                                        UPCAST_DOT, INTERPRET)
+        acc_a, nm_a, dsc_a = _grad_walk(t0, t, xa, rho_a, ga, shift_a, inv_l_a, b_ptr, stat_b, scale, N,
+                                        acc_a, nm_a, dsc_a, FIXED, True, True, NORMALIZE, H, BN, D, D_PAD,
+                                        UPCAST_DOT, INTERPRET)
+        acc_b, nm_b, dsc_b = _grad_walk(t0, t, xb, rho_b, gb, shift_b, inv_l_b, a_ptr, stat_a, scale, N,
+                                        acc_b, nm_b, dsc_b, FIXED, True, True, NORMALIZE, H, BN, D, D_PAD,
+                                        UPCAST_DOT, INTERPRET)
+        acc_b, nm_b, dsc_b = _grad_walk(t0, t, xb, rho_b, gb, shift_b, inv_l_b, b_ptr, stat_b, scale, N,
+                                        acc_b, nm_b, dsc_b, FIXED, True, True, NORMALIZE, H, BN, D, D_PAD,
+                                        UPCAST_DOT, INTERPRET)
+    else:
+        # q rows (half a) against k columns: row term = q->k softmax, column term = k->q (BOTH);
+        # k rows (half b) against q columns: row term = k->q (BOTH), column term = q->k.
+        acc_a, nm_a, dsc_a = _grad_walk(t0, t, xa, rho_a, ga, shift_a, inv_l_a, b_ptr, stat_b, scale, N,
+                                        acc_a, nm_a, dsc_a, FIXED, True, BOTH, NORMALIZE, H, BN, D, D_PAD,
+                                        UPCAST_DOT, INTERPRET)
+        acc_b, nm_b, dsc_b = _grad_walk(t0, t, xb, rho_b, gb, shift_b, inv_l_b, a_ptr, stat_a, scale, N,
+                                        acc_b, nm_b, dsc_b, FIXED, BOTH, True, NORMALIZE, H, BN, D, D_PAD,
+                                        UPCAST_DOT, INTERPRET)
+    return acc_a, nm_a, dsc_a, acc_b, nm_b, dsc_b
+
+
+@triton.jit
+def _input_grad(u, du, r, NORMALIZE: tl.constexpr):
+    """Through n(x) = x r: dz = r (du - u (u . du)) when ||x|| > eps, r du below (n is linear there)."""
+    if NORMALIZE:
+        proj = tl.where(r < 1.0 / _EPS, tl.sum(u * du, 1), 0.0)
+        return r[:, None] * (du - u * proj[:, None])
+    else:
+        return du
+
+
+@_tuned("bwd")
+@triton.jit
+def _bwd_kernel(a_ptr, b_ptr, rho_ptr, r_ptr, scale_ptr, g_a_ptr, g_b_ptr, shift_ptr, inv_l_ptr,
+                da_ptr, db_ptr, dscale_part_ptr, N, N_BUCKET, D: tl.constexpr, D_PAD: tl.constexpr,
+                NTXENT: tl.constexpr, BOTH: tl.constexpr, NORMALIZE: tl.constexpr,
+                H: tl.constexpr, BN: tl.constexpr, UPCAST_DOT: tl.constexpr, INTERPRET: tl.constexpr):
+    """da, db for the pair block (rows a_t, b_t), dscale partial to dscale_part[program].
+    shift / inv_l hold [a rows; b rows] (2N each), from the stats walk."""
+    scale = tl.load(scale_ptr)
+    pid = tl.program_id(0)
+    t0 = pid * H
+    t = t0 + tl.arange(0, H)
+    row_mask = t < N
+    HAS_GB: tl.constexpr = NTXENT or BOTH
+    xa = _load_rows(a_ptr, t, row_mask, D, D_PAD)
+    xb = _load_rows(b_ptr, t, row_mask, D, D_PAD)
+    if NORMALIZE:
+        rho_a = tl.load(rho_ptr + t, mask=row_mask, other=0.0)
+        rho_b = tl.load(rho_ptr + N + t, mask=row_mask, other=0.0)
+        rho_a_ptr = rho_ptr
+        rho_b_ptr = rho_ptr + N
+    else:
+        rho_a = tl.full((H,), 1.0, tl.float32)
+        rho_b = rho_a
+        rho_a_ptr = shift_ptr  # not read
+        rho_b_ptr = shift_ptr
+    ga = tl.load(g_a_ptr + t, mask=row_mask, other=0.0)
     if HAS_GB:
-        g_b = tl.load(gb_ptr + rows, mask=row_mask, other=0.0)
-        w -= g_b * tl.load(neg_mass_ptr + N + rows, mask=row_mask, other=0.0)
-    # Projection coefficients r_a (u_a . du_a) / s; zero below eps, where n(z) = z / eps is linear.
-    proj_a = tl.where(norm_a > _EPS, r_a * (r_a * a_dUa + w * cos), 0.0)
-    proj_b = tl.where(norm_b > _EPS, r_b * (r_b * b_dUb + w * cos), 0.0)
-    tl.atomic_add(dscale_ptr, tl.sum(w * cos, 0))
-    for d0 in range(0, D, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
-        mask = row_mask[:, None] & (cols < D)[None, :]
-        offs = base[:, None] + cols[None, :]
-        a = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        b = tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        dUa = tl.load(dU_ptr + offs, mask=mask, other=0.0)
-        dUb = tl.load(dU_ptr + base_b[:, None] + cols[None, :], mask=mask, other=0.0)
-        dua = dUa + (w * r_b)[:, None] * b
-        dub = dUb + (w * r_a)[:, None] * a
-        da = scale * r_a[:, None] * (dua - proj_a[:, None] * a)
-        db = scale * r_b[:, None] * (dub - proj_b[:, None] * b)
-        tl.store(da_ptr + offs, da.to(da_ptr.dtype.element_ty), mask=mask)
-        tl.store(db_ptr + offs, db.to(db_ptr.dtype.element_ty), mask=mask)
-
-
-# ---------------------------------------------------------------------------------------------
-# nt_xent tile kernels: upper triangle of Z Z^T, square BLOCK x BLOCK tiles
-# ---------------------------------------------------------------------------------------------
-@_tuned("fwd", square=True, restore_value=["m_ptr"])
-@triton.jit
-def _ntxent_max_kernel(z1_ptr, z2_ptr, r_ptr, m_ptr, scale, N, M, D: tl.constexpr,
-                       BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST_DOT: tl.constexpr):
-    """Fallback only: m_i = max_{j != i} S_ij (m starts at -inf)."""
-    I, J = _triangle_tile(tl.program_id(0))
-    rows_i = I * BLOCK + tl.arange(0, BLOCK)
-    rows_j = J * BLOCK + tl.arange(0, BLOCK)
-    S, valid, _, _, _, _ = _ntxent_logits(z1_ptr, z2_ptr, r_ptr, scale, rows_i, rows_j, N, M, D,
-                                          BLOCK, BLOCK_D, UPCAST_DOT)
-    S = tl.where(valid, S, float("-inf"))
-    tl.atomic_max(m_ptr + rows_i, tl.max(S, 1), mask=rows_i < M)
-    tl.atomic_max(m_ptr + rows_j, tl.max(S, 0), mask=(rows_j < M) & (I != J))
-
-
-@_tuned("fwd", square=True, reset_to_zero=["l_ptr"])
-@triton.jit
-def _ntxent_fwd_kernel(z1_ptr, z2_ptr, r_ptr, m_ptr, l_ptr, scale, N, M, D: tl.constexpr,
-                       FIXED_SHIFT: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
-                       UPCAST_DOT: tl.constexpr):
-    """l_i += sum_j exp(S_ij - shift_i) for block I (row sums) and block J (column sums)."""
-    I, J = _triangle_tile(tl.program_id(0))
-    rows_i = I * BLOCK + tl.arange(0, BLOCK)
-    rows_j = J * BLOCK + tl.arange(0, BLOCK)
-    S, valid, _, _, _, _ = _ntxent_logits(z1_ptr, z2_ptr, r_ptr, scale, rows_i, rows_j, N, M, D,
-                                          BLOCK, BLOCK_D, UPCAST_DOT)
-    if FIXED_SHIFT:
-        E = tl.where(valid, tl.exp(S - scale), 0.0)
-        row_sum = tl.sum(E, 1)
-        col_sum = tl.sum(E, 0)
+        gb = tl.load(g_b_ptr + t, mask=row_mask, other=0.0)
     else:
-        m_i = tl.load(m_ptr + rows_i, mask=rows_i < M, other=0.0)
-        m_j = tl.load(m_ptr + rows_j, mask=rows_j < M, other=0.0)
-        row_sum = tl.sum(tl.where(valid, tl.exp(S - m_i[:, None]), 0.0), 1)
-        col_sum = tl.sum(tl.where(valid, tl.exp(S - m_j[None, :]), 0.0), 0)
-    tl.atomic_add(l_ptr + rows_i, row_sum, mask=rows_i < M)
-    tl.atomic_add(l_ptr + rows_j, col_sum, mask=(rows_j < M) & (I != J))
-
-
-@_tuned("bwd", square=True, reset_to_zero=["dU_ptr", "neg_mass_ptr", "dscale_ptr"])
-@triton.jit
-def _ntxent_bwd_kernel(z1_ptr, z2_ptr, r_ptr, g_ptr, lse_ptr, dU_ptr, neg_mass_ptr, dscale_ptr, scale, N, M,
-                       D: tl.constexpr, FIXED_SHIFT: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
-                       UPCAST_DOT: tl.constexpr):
-    """dU_I += W r_J z_J, dU_J += W^T r_I z_I (I != J), W_ij = g_i P_ij + g_j P_ji over the negatives;
-    neg_mass_i += sum_j P_ij over the negatives (the row kernel's 1 - P_i,p(i))."""
-    I, J = _triangle_tile(tl.program_id(0))
-    rows_i = I * BLOCK + tl.arange(0, BLOCK)
-    rows_j = J * BLOCK + tl.arange(0, BLOCK)
-    mask_i = rows_i < M
-    mask_j = rows_j < M
-    S, valid, base_i, base_j, r_i, r_j = _ntxent_logits(z1_ptr, z2_ptr, r_ptr, scale, rows_i, rows_j,
-                                                        N, M, D, BLOCK, BLOCK_D, UPCAST_DOT)
-    g_i = tl.load(g_ptr + rows_i, mask=mask_i, other=0.0)
-    g_j = tl.load(g_ptr + rows_j, mask=mask_j, other=0.0)
-    lse_i = tl.load(lse_ptr + rows_i, mask=mask_i, other=0.0)
-    lse_j = tl.load(lse_ptr + rows_j, mask=mask_j, other=0.0)
-    # Positive pairs (j = p(i), equivalently i = p(j)) are left to the row kernel.
-    partner_i = tl.where(rows_i < N, rows_i + N, rows_i - N)
-    valid = valid & (rows_j[None, :] != partner_i[:, None])
-    if FIXED_SHIFT:
-        # P_ij = E_ij exp(s - lse_i) = E_ij / l_i: W = E (a_i + a_j), a_i = g_i / l_i, one exp per entry.
-        E = tl.where(valid, tl.exp(S - scale), 0.0)
-        inv_l_i = tl.exp(scale - lse_i)
-        inv_l_j = tl.exp(scale - lse_j)
-        W = E * ((g_i * inv_l_i)[:, None] + (g_j * inv_l_j)[None, :])
-        mass_i = tl.sum(E, 1) * inv_l_i
-        mass_j = tl.sum(E, 0) * inv_l_j
+        gb = tl.zeros((H,), tl.float32)
+    shift_a = tl.load(shift_ptr + t, mask=row_mask, other=0.0)
+    shift_b = tl.load(shift_ptr + N + t, mask=row_mask, other=0.0)
+    inv_l_a = tl.load(inv_l_ptr + t, mask=row_mask, other=0.0)
+    inv_l_b = tl.load(inv_l_ptr + N + t, mask=row_mask, other=0.0)
+    stat_a = (rho_a_ptr, g_a_ptr, shift_ptr, inv_l_ptr)
+    stat_b = (rho_b_ptr, g_b_ptr, shift_ptr + N, inv_l_ptr + N)
+    acc_a = tl.zeros((H, D_PAD), tl.float32)
+    acc_b = tl.zeros((H, D_PAD), tl.float32)
+    zero = tl.zeros((H,), tl.float32)
+    nm_a, dsc_a, nm_b, dsc_b = zero, zero, zero, zero
+    # one uniform branch on the loaded scale: the fixed shift (one exp per entry) or the running max
+    if NORMALIZE:
+        if 2.0 * scale <= _FIXED_SHIFT_LIMIT:
+            acc_a, nm_a, dsc_a, acc_b, nm_b, dsc_b = _grad_walks(
+                t0, t, xa, rho_a, ga, shift_a, inv_l_a, xb, rho_b, gb, shift_b, inv_l_b,
+                a_ptr, b_ptr, stat_a, stat_b, scale, N, acc_a, nm_a, dsc_a, acc_b, nm_b, dsc_b,
+                True, NTXENT, BOTH, NORMALIZE, H, BN, D, D_PAD, UPCAST_DOT, INTERPRET)
+        else:
+            acc_a, nm_a, dsc_a, acc_b, nm_b, dsc_b = _grad_walks(
+                t0, t, xa, rho_a, ga, shift_a, inv_l_a, xb, rho_b, gb, shift_b, inv_l_b,
+                a_ptr, b_ptr, stat_a, stat_b, scale, N, acc_a, nm_a, dsc_a, acc_b, nm_b, dsc_b,
+                False, NTXENT, BOTH, NORMALIZE, H, BN, D, D_PAD, UPCAST_DOT, INTERPRET)
+    else:  # features as given: logits unbounded, always the running max
+        acc_a, nm_a, dsc_a, acc_b, nm_b, dsc_b = _grad_walks(
+            t0, t, xa, rho_a, ga, shift_a, inv_l_a, xb, rho_b, gb, shift_b, inv_l_b,
+            a_ptr, b_ptr, stat_a, stat_b, scale, N, acc_a, nm_a, dsc_a, acc_b, nm_b, dsc_b,
+            False, NTXENT, BOTH, NORMALIZE, H, BN, D, D_PAD, UPCAST_DOT, INTERPRET)
+    # epilogue: the positive pair (a_t, b_t). w = G_ab + G_ba = g_a (P_ab - 1) + g_b (P_ba - 1)
+    #         = -(g_a nm_a + g_b nm_b), exact to fp32 relative precision when P -> 1.
+    w = -(ga * nm_a + gb * nm_b)
+    if NORMALIZE:
+        r_a = tl.load(r_ptr + t, mask=row_mask, other=0.0)
+        r_b = tl.load(r_ptr + N + t, mask=row_mask, other=0.0)
     else:
-        P_row = tl.where(valid, tl.exp(S - lse_i[:, None]), 0.0)  # P_ij
-        P_col = tl.where(valid, tl.exp(S - lse_j[None, :]), 0.0)  # P_ji
-        W = g_i[:, None] * P_row + g_j[None, :] * P_col
-        mass_i = tl.sum(P_row, 1)
-        mass_j = tl.sum(P_col, 0)
-    tl.atomic_add(neg_mass_ptr + rows_i, mass_i, mask=mask_i)
-    tl.atomic_add(neg_mass_ptr + rows_j, mass_j, mask=mask_j & (I != J))
-    dscale = tl.sum(tl.sum(W * S, 1), 0) / scale
-    tl.atomic_add(dscale_ptr, tl.where(I == J, 0.5 * dscale, dscale))
-    _add_weighted_rows(dU_ptr, rows_i, mask_i, W * r_j[None, :], base_j, mask_j, D, BLOCK_D, UPCAST_DOT)
-    if I != J:
-        _add_weighted_rows(dU_ptr, rows_j, mask_j, tl.trans(W * r_i[:, None]), base_i, mask_i, D,
-                           BLOCK_D, UPCAST_DOT)
+        r_a = rho_a
+        r_b = rho_b
+    # one half after the other, each accumulator consumed in place (fewer live (H, D) tiles)
+    # the rows are reloaded (L2-hot) rather than kept live from the walk in another layout
+    ub = rho_b[:, None] * _load_rows(b_ptr, t, row_mask, D, D_PAD).to(tl.float32)
+    acc_a = scale * (acc_a + w[:, None] * ub)
+    ua = rho_a[:, None] * _load_rows(a_ptr, t, row_mask, D, D_PAD).to(tl.float32)
+    cos_ab = tl.sum(ua * ub, 1)
+    _store_block(da_ptr, t0, N, _input_grad(ua, acc_a, r_a, NORMALIZE), D, H, D_PAD)
+    acc_b = scale * (acc_b + w[:, None] * ua)
+    _store_block(db_ptr, t0, N, _input_grad(ub, acc_b, r_b, NORMALIZE), D, H, D_PAD)
+    # dL/ds = sum_ij G_ij cos_ij: the walks saw every negative pair from both of its rows
+    part = 0.5 * tl.sum(dsc_a + dsc_b, 0) + tl.sum(tl.where(row_mask, w * cos_ab, 0.0), 0)
+    tl.store(dscale_part_ptr + pid, part)
 
 
 # ---------------------------------------------------------------------------------------------
-# cross tile kernels: all tiles of q k^T, positives on the diagonal
+# Launchers (PLAN.md's backend interface; inputs validated by the caller)
 # ---------------------------------------------------------------------------------------------
-@_tuned("fwd", square=False, restore_value=["m_ptr"])
-@triton.jit
-def _cross_max_kernel(q_ptr, k_ptr, r_ptr, m_ptr, scale, N, D: tl.constexpr, BOTH: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                      UPCAST_DOT: tl.constexpr):
-    """Fallback only: row maxima to m[:N] and, when BOTH, column maxima to m[N:]."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    S, valid, _, _, _, _ = _cross_logits(q_ptr, k_ptr, r_ptr, scale, rows, cols, N, D,
-                                         BLOCK_M, BLOCK_N, BLOCK_D, UPCAST_DOT)
-    S = tl.where(valid, S, float("-inf"))
-    tl.atomic_max(m_ptr + rows, tl.max(S, 1), mask=rows < N)
-    if BOTH:
-        tl.atomic_max(m_ptr + N + cols, tl.max(S, 0), mask=cols < N)
+_PREP_BLOCK = 16
 
 
-@_tuned("fwd", square=False, reset_to_zero=["l_ptr"])
-@triton.jit
-def _cross_fwd_kernel(q_ptr, k_ptr, r_ptr, m_ptr, l_ptr, scale, N, D: tl.constexpr,
-                      FIXED_SHIFT: tl.constexpr, BOTH: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                      UPCAST_DOT: tl.constexpr):
-    """l[:N] += row sums of exp(S - shift), and l[N:] += column sums when BOTH."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    S, valid, _, _, _, _ = _cross_logits(q_ptr, k_ptr, r_ptr, scale, rows, cols, N, D,
-                                         BLOCK_M, BLOCK_N, BLOCK_D, UPCAST_DOT)
-    if FIXED_SHIFT:
-        E = tl.where(valid, tl.exp(S - scale), 0.0)
-        tl.atomic_add(l_ptr + rows, tl.sum(E, 1), mask=rows < N)
-        if BOTH:
-            tl.atomic_add(l_ptr + N + cols, tl.sum(E, 0), mask=cols < N)
-    else:
-        m_r = tl.load(m_ptr + rows, mask=rows < N, other=0.0)
-        E_row = tl.where(valid, tl.exp(S - m_r[:, None]), 0.0)
-        tl.atomic_add(l_ptr + rows, tl.sum(E_row, 1), mask=rows < N)
-        if BOTH:
-            m_c = tl.load(m_ptr + N + cols, mask=cols < N, other=0.0)
-            E_col = tl.where(valid, tl.exp(S - m_c[None, :]), 0.0)
-            tl.atomic_add(l_ptr + N + cols, tl.sum(E_col, 0), mask=cols < N)
-
-
-@_tuned("bwd", square=False, reset_to_zero=["dU_ptr", "neg_mass_ptr", "dscale_ptr"])
-@triton.jit
-def _cross_bwd_kernel(q_ptr, k_ptr, r_ptr, gr_ptr, gc_ptr, row_lse_ptr, col_lse_ptr, dU_ptr, neg_mass_ptr,
-                      dscale_ptr, scale, N, D: tl.constexpr, FIXED_SHIFT: tl.constexpr, BOTH: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                      UPCAST_DOT: tl.constexpr):
-    """dU[rows] += W r_k k_J (q side), dU[N + cols] += W^T r_q q_I (k side),
-    W_ij = gr_i Pr_ij + gc_j Pc_ij off the diagonal; neg_mass[:N] += off-diagonal row sums of Pr
-    and, when BOTH, neg_mass[N:] += off-diagonal column sums of Pc."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_i = rows < N
-    mask_j = cols < N
-    S, valid, base_q, base_k, r_q, r_k = _cross_logits(q_ptr, k_ptr, r_ptr, scale, rows, cols, N, D,
-                                                       BLOCK_M, BLOCK_N, BLOCK_D, UPCAST_DOT)
-    valid = valid & (rows[:, None] != cols[None, :])  # positives are left to the row kernel
-    gr = tl.load(gr_ptr + rows, mask=mask_i, other=0.0)
-    row_lse = tl.load(row_lse_ptr + rows, mask=mask_i, other=0.0)
-    if BOTH:
-        gc = tl.load(gc_ptr + cols, mask=mask_j, other=0.0)
-        col_lse = tl.load(col_lse_ptr + cols, mask=mask_j, other=0.0)
-    if FIXED_SHIFT:
-        E = tl.where(valid, tl.exp(S - scale), 0.0)
-        inv_lr = tl.exp(scale - row_lse)
-        W = E * (gr * inv_lr)[:, None]
-        tl.atomic_add(neg_mass_ptr + rows, tl.sum(E, 1) * inv_lr, mask=mask_i)
-        if BOTH:
-            inv_lc = tl.exp(scale - col_lse)
-            W += E * (gc * inv_lc)[None, :]
-            tl.atomic_add(neg_mass_ptr + N + cols, tl.sum(E, 0) * inv_lc, mask=mask_j)
-    else:
-        P_row = tl.where(valid, tl.exp(S - row_lse[:, None]), 0.0)
-        W = gr[:, None] * P_row
-        tl.atomic_add(neg_mass_ptr + rows, tl.sum(P_row, 1), mask=mask_i)
-        if BOTH:
-            P_col = tl.where(valid, tl.exp(S - col_lse[None, :]), 0.0)
-            W += gc[None, :] * P_col
-            tl.atomic_add(neg_mass_ptr + N + cols, tl.sum(P_col, 0), mask=mask_j)
-    tl.atomic_add(dscale_ptr, tl.sum(tl.sum(W * S, 1), 0) / scale)
-    _add_weighted_rows(dU_ptr, rows, mask_i, W * r_k[None, :], base_k, mask_j, D, BLOCK_D, UPCAST_DOT)
-    _add_weighted_rows(dU_ptr, N + cols, mask_j, tl.trans(W * r_q[:, None]), base_q, mask_i, D,
-                       BLOCK_D, UPCAST_DOT)
-
-
-# ---------------------------------------------------------------------------------------------
-# Launchers (the backend interface of DESIGN.md; inputs already validated by the caller)
-# ---------------------------------------------------------------------------------------------
 def _check_d(D):
     if D > MAX_DIM:
         raise ValueError(f"feature dimension D={D} exceeds the Triton kernels' MAX_DIM={MAX_DIM}")
 
 
-def _fixed_shift(scale):
-    return 2.0 * scale <= _FIXED_SHIFT_LIMIT
-
-
-def _row_norms(a, b):
+def _prepare(a, b, normalize):
+    """(a', b', rho, r): the scaled copies and the row factors, or the raw inputs when not normalize."""
+    if not normalize:
+        return a, b, a.new_empty(0, dtype=torch.float32), a.new_empty(0, dtype=torch.float32)
     N, D = a.shape
+    d_pad = max(16, triton.next_power_of_2(D))
+    scaled = torch.empty((2, N, D), device=a.device, dtype=a.dtype)
+    rho = torch.empty(2 * N, device=a.device, dtype=torch.float32)
     r = torch.empty(2 * N, device=a.device, dtype=torch.float32)
-    cos = torch.empty(N, device=a.device, dtype=torch.float32)
-    _row_norms_kernel[(triton.cdiv(N, _ROW_BLOCK),)](a, b, r, cos, N, D,
-                                                     BLOCK_R=_ROW_BLOCK, BLOCK_D=_ROW_BLOCK_D)
-    return r, cos
+    grid = (triton.cdiv(N, _PREP_BLOCK),)
+    for half, x in enumerate((a, b)):
+        _prep_rows_kernel[grid](x, scaled[half], rho[half * N:], r[half * N:], N, D, D_PAD=d_pad,
+                                BLOCK_R=_PREP_BLOCK)
+    return scaled[0], scaled[1], rho, r
 
 
-def _lse_loss(l, m, cos, scale, fixed):
-    L, N = l.numel(), cos.numel()
-    lse = torch.empty_like(l)
-    loss = torch.empty_like(l)
-    _lse_loss_kernel[(triton.cdiv(L, _VEC_BLOCK),)](l, m, cos, lse, loss, scale, N, L,
-                                                    FIXED_SHIFT=fixed, BLOCK=_VEC_BLOCK)
-    return loss, lse
+def _pair_grid(N):
+    return lambda meta: (triton.cdiv(N, meta["H"]),)
 
 
-def _bwd_rows(a, b, dU, neg_mass, ga, gb, dscale, scale):
+def _walk_launch(a, b, rho, scale, lse_a, lse_b, outs, ntxent, both, normalize, stats):
     N, D = a.shape
+    _walk_kernel[_pair_grid(N)](a, b, rho, scale, lse_a, lse_b, *outs, N, _n_bucket(N), D,
+                                D_PAD=max(16, triton.next_power_of_2(D)), NTXENT=ntxent, BOTH=both,
+                                NORMALIZE=normalize, STATS=stats, UPCAST_DOT=_INTERPRET,
+                                INTERPRET=_INTERPRET)
+
+
+def _backward(g_a, g_b, a, b, scale, lse_a, lse_b, ntxent, both, normalize):
+    N, D = a.shape
+    _check_d(D)
+    a_s, b_s, rho, r = _prepare(a, b, normalize)
+    shift = torch.empty(2 * N, device=a.device, dtype=torch.float32)
+    inv_l = torch.empty(2 * N, device=a.device, dtype=torch.float32)
+    _walk_launch(a_s, b_s, rho, scale, lse_a, lse_b, (shift[:N], shift[N:], inv_l[:N], inv_l[N:]),
+                 ntxent, both, normalize, stats=True)
+    if not (ntxent or both):  # one-direction info_nce: the k rows carry no statistics
+        shift[N:].zero_()
+        inv_l[N:].zero_()
     da = torch.empty_like(a)
     db = torch.empty_like(b)
-    _bwd_rows_kernel[(triton.cdiv(N, _ROW_BLOCK),)](a, b, dU, neg_mass, ga, ga if gb is None else gb, da, db,
-                                                    dscale, scale, N, D, HAS_GB=gb is not None,
-                                                    BLOCK_R=_ROW_BLOCK, BLOCK_D=_ROW_BLOCK_D)
-    return da, db
+    smallest_h = min(h for h, _, _, _ in configs_for("bwd", _dtype_class(a.dtype), 16))
+    parts = torch.empty(triton.cdiv(N, smallest_h), device=a.device, dtype=torch.float32)
+    grid = _pair_grid(N)
+    used = []
+
+    def grid_recording(meta):
+        used.append(grid(meta)[0])
+        return grid(meta)
+
+    _bwd_kernel[grid_recording](a_s, b_s, rho, r, scale, g_a, g_b, shift, inv_l, da, db, parts, N,
+                                _n_bucket(N), D, D_PAD=max(16, triton.next_power_of_2(D)),
+                                NTXENT=ntxent, BOTH=both, NORMALIZE=normalize, UPCAST_DOT=_INTERPRET,
+                                INTERPRET=_INTERPRET)
+    # the partials of the config that ran, summed by one deterministic torch reduction
+    dscale = parts[:used[-1]].sum()
+    return da, db, dscale
 
 
-def _triangle_grid(M):
-    def grid(meta):
-        t = triton.cdiv(M, meta["BLOCK"])
-        return (t * (t + 1) // 2,)
-    return grid
-
-
-def _square_grid(N):
-    return lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))
+def _scale_arg(scale, like):
+    if not (isinstance(scale, torch.Tensor) and scale.dim() == 0 and scale.dtype == torch.float32
+            and scale.device == like.device):
+        raise TypeError("scale must be a 0-d float32 tensor on the inputs' device "
+                        f"(got {type(scale).__name__} {getattr(scale, 'dtype', '')} {getattr(scale, 'device', '')})")
+    return scale
 
 
 def ntxent_fwd(z1, z2, scale):
     """-> (loss (2N,), lse (2N,)), fp32."""
     N, D = z1.shape
     _check_d(D)
-    M = 2 * N
-    scale = float(scale)
-    fixed = _fixed_shift(scale)
-    r, cos = _row_norms(z1, z2)
-    l = torch.zeros(M, device=z1.device, dtype=torch.float32)
-    m = l
-    if not fixed:
-        m = torch.full((M,), float("-inf"), device=z1.device, dtype=torch.float32)
-        _ntxent_max_kernel[_triangle_grid(M)](z1, z2, r, m, scale, N, M, D, UPCAST_DOT=UPCAST_DOT)
-    _ntxent_fwd_kernel[_triangle_grid(M)](z1, z2, r, m, l, scale, N, M, D, FIXED_SHIFT=fixed,
-                                          UPCAST_DOT=UPCAST_DOT)
-    return _lse_loss(l, m, cos, scale, fixed)
+    scale = _scale_arg(scale, z1)
+    a, b, rho, _ = _prepare(z1, z2, True)
+    lse = torch.empty(2 * N, device=z1.device, dtype=torch.float32)
+    loss = torch.empty(2 * N, device=z1.device, dtype=torch.float32)
+    _walk_launch(a, b, rho, scale, lse, lse, (lse[:N], lse[N:], loss[:N], loss[N:]),
+                 ntxent=True, both=True, normalize=True, stats=False)
+    return loss, lse
 
 
 def ntxent_bwd(grad, z1, z2, scale, lse):
     """-> (dz1, dz2, dscale): input-dtype grads and dL/dscale (0-d fp32)."""
-    N, D = z1.shape
-    _check_d(D)
-    M = 2 * N
-    scale = float(scale)
+    N = z1.shape[0]
+    scale = _scale_arg(scale, z1)
     grad = grad.to(torch.float32).contiguous()
-    r, _ = _row_norms(z1, z2)
-    dU = torch.zeros(M, D, device=z1.device, dtype=torch.float32)
-    neg_mass = torch.zeros(M, device=z1.device, dtype=torch.float32)
-    dscale = torch.zeros((), device=z1.device, dtype=torch.float32)
-    _ntxent_bwd_kernel[_triangle_grid(M)](z1, z2, r, grad, lse, dU, neg_mass, dscale, scale, N, M, D,
-                                          FIXED_SHIFT=_fixed_shift(scale), UPCAST_DOT=UPCAST_DOT)
-    dz1, dz2 = _bwd_rows(z1, z2, dU, neg_mass, grad[:N], grad[N:], dscale, scale)
-    return dz1, dz2, dscale
+    return _backward(grad[:N], grad[N:], z1, z2, scale, lse[:N], lse[N:], True, True, True)
 
 
-def cross_fwd(q, k, scale, both):
+def cross_fwd(q, k, scale, both, normalize=True):
     """-> (row_loss (N,), col_loss (N,) or (0,), row_lse (N,), col_lse (N,) or (0,)), fp32."""
     N, D = q.shape
     _check_d(D)
-    scale = float(scale)
-    both = bool(both)
-    fixed = _fixed_shift(scale)
-    L = 2 * N if both else N
-    r, cos = _row_norms(q, k)
-    l = torch.zeros(L, device=q.device, dtype=torch.float32)
-    m = l
-    if not fixed:
-        m = torch.full((L,), float("-inf"), device=q.device, dtype=torch.float32)
-        _cross_max_kernel[_square_grid(N)](q, k, r, m, scale, N, D, BOTH=both, UPCAST_DOT=UPCAST_DOT)
-    _cross_fwd_kernel[_square_grid(N)](q, k, r, m, l, scale, N, D, FIXED_SHIFT=fixed, BOTH=both,
-                                       UPCAST_DOT=UPCAST_DOT)
-    row_loss, row_lse = _lse_loss(l[:N], m[:N], cos, scale, fixed)
-    if not both:
-        empty = l.new_empty(0)
-        return row_loss, empty, row_lse, empty.clone()
-    col_loss, col_lse = _lse_loss(l[N:], m[N:], cos, scale, fixed)
+    scale = _scale_arg(scale, q)
+    both, normalize = bool(both), bool(normalize)
+    a, b, rho, _ = _prepare(q, k, normalize)
+    row_loss, row_lse = (torch.empty(N, device=q.device, dtype=torch.float32) for _ in range(2))
+    if both:  # separate tensors: a custom op's outputs may not alias each other
+        col_loss, col_lse = (torch.empty(N, device=q.device, dtype=torch.float32) for _ in range(2))
+    else:
+        col_loss, col_lse = (torch.empty(0, device=q.device, dtype=torch.float32) for _ in range(2))
+    outs = (row_lse, col_lse if both else row_lse, row_loss, col_loss if both else row_loss)
+    _walk_launch(a, b, rho, scale, row_lse, row_lse, outs, ntxent=False, both=both, normalize=normalize,
+                 stats=False)
     return row_loss, col_loss, row_lse, col_lse
 
 
-def cross_bwd(grad_row, grad_col, q, k, scale, row_lse, col_lse, both):
+def cross_bwd(grad_row, grad_col, q, k, scale, row_lse, col_lse, both, normalize=True):
     """-> (dq, dk, dscale): input-dtype grads and dL/dscale (0-d fp32)."""
-    N, D = q.shape
-    _check_d(D)
-    scale = float(scale)
-    both = bool(both)
+    scale = _scale_arg(scale, q)
+    both, normalize = bool(both), bool(normalize)
     grad_row = grad_row.to(torch.float32).contiguous()
     grad_col = grad_col.to(torch.float32).contiguous() if both else grad_row
-    col_lse = col_lse if both else row_lse
-    r, _ = _row_norms(q, k)
-    dU = torch.zeros(2 * N, D, device=q.device, dtype=torch.float32)
-    neg_mass = torch.zeros(2 * N, device=q.device, dtype=torch.float32)
-    dscale = torch.zeros((), device=q.device, dtype=torch.float32)
-    _cross_bwd_kernel[_square_grid(N)](q, k, r, grad_row, grad_col, row_lse, col_lse, dU, neg_mass, dscale,
-                                       scale, N, D, FIXED_SHIFT=_fixed_shift(scale), BOTH=both,
-                                       UPCAST_DOT=UPCAST_DOT)
-    dq, dk = _bwd_rows(q, k, dU, neg_mass, grad_row, grad_col if both else None, dscale, scale)
-    return dq, dk, dscale
+    col_lse = col_lse.contiguous() if both else row_lse
+    return _backward(grad_row, grad_col, q, k, scale, row_lse.contiguous(), col_lse, False, both, normalize)
+
+
+# ---------------------------------------------------------------------------------------------
+# Offline sm_90 compile specs (tests/test_triton_sm90.py, benchmarks/ptx_table.py)
+# ---------------------------------------------------------------------------------------------
+_TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def sm90_specs():
+    """One compile spec per autotune config of each kernel, at D = 128 (bf16 and fp32) and D = 512
+    (bf16): dicts with name, fn (the @triton.jit function), signature, constexprs, num_warps,
+    num_stages, and `no_atomics` (the backward kernels must have none)."""
+    specs = []
+    for dtype, D in ((torch.bfloat16, 128), (torch.float32, 128), (torch.bfloat16, 512)):
+        ty = "*" + _TRITON_DTYPE[dtype]
+        d_pad = triton.next_power_of_2(D)
+        cls = _dtype_class(dtype)
+        for kind, fn, variants in (
+            ("walk", _walk_kernel.fn, [("ntxent_fwd", dict(NTXENT=True, BOTH=True, NORMALIZE=True, STATS=False)),
+                                       ("ntxent_bwd_stats", dict(NTXENT=True, BOTH=True, NORMALIZE=True, STATS=True)),
+                                       ("cross_fwd_raw", dict(NTXENT=False, BOTH=True, NORMALIZE=False, STATS=False))]),
+            ("bwd", _bwd_kernel.fn, [("ntxent_bwd", dict(NTXENT=True, BOTH=True, NORMALIZE=True)),
+                                     ("cross_bwd", dict(NTXENT=False, BOTH=True, NORMALIZE=True))]),
+        ):
+            if kind == "walk":
+                sig = {"a_ptr": ty, "b_ptr": ty, "rho_ptr": "*fp32", "scale_ptr": "*fp32", "lse_a_ptr": "*fp32",
+                       "lse_b_ptr": "*fp32", "out1_a_ptr": "*fp32", "out1_b_ptr": "*fp32", "out2_a_ptr": "*fp32",
+                       "out2_b_ptr": "*fp32", "N": "i32", "N_BUCKET": "i32"}
+            else:
+                sig = {"a_ptr": ty, "b_ptr": ty, "rho_ptr": "*fp32", "r_ptr": "*fp32", "scale_ptr": "*fp32",
+                       "g_a_ptr": "*fp32", "g_b_ptr": "*fp32", "shift_ptr": "*fp32", "inv_l_ptr": "*fp32",
+                       "da_ptr": ty, "db_ptr": ty, "dscale_part_ptr": "*fp32", "N": "i32", "N_BUCKET": "i32"}
+            for label, flags in variants:
+                for h, bn, warps, stages in _CONFIGS[kind, cls, _d_bucket(d_pad)]:
+                    constexprs = dict(D=D, D_PAD=d_pad, H=h, BN=bn, UPCAST_DOT=False, INTERPRET=False, **flags)
+                    specs.append(dict(
+                        name=f"{label}[{_TRITON_DTYPE[dtype]},D={D}]", fn=fn,
+                        signature=dict(sig, **{k: "constexpr" for k in constexprs}),
+                        constexprs=constexprs, num_warps=warps, num_stages=stages,
+                        config=f"H={h} BN={bn} w={warps} s={stages}", no_atomics=True))
+    # no_atomics: none of these kernels has any (PLAN.md requires it of the backward ones)
+    specs.append(dict(name="prep_rows[bf16,D=128]", fn=_prep_rows_kernel,
+                      signature={"x_ptr": "*bf16", "xs_ptr": "*bf16", "rho_ptr": "*fp32", "r_ptr": "*fp32",
+                                 "R": "i32", "D": "constexpr", "D_PAD": "constexpr", "BLOCK_R": "constexpr"},
+                      constexprs=dict(D=128, D_PAD=128, BLOCK_R=_PREP_BLOCK), num_warps=4, num_stages=1,
+                      config=f"BLOCK_R={_PREP_BLOCK} w=4", no_atomics=True))
+    return specs
