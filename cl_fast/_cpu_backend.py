@@ -74,3 +74,14 @@ def sinkhorn_col_lse(scores, inv_epsilon: float, f):
 def sinkhorn_assign(scores, inv_epsilon: float, f):
     """The final (B, K) fp32 assignment from the prototype scaling f."""
     return _ops.sinkhorn_assign(scores, float(inv_epsilon), f)
+
+
+# ---------------------------------------------------------------- SigLIP
+def siglip_fwd(x, y, scale, bias):
+    """-> row_loss (N,) fp32; scale and bias are 0-d fp32 CPU tensors."""
+    return _ops.siglip_fwd(x, y, scale, bias)
+
+
+def siglip_bwd(grad, x, y, scale, bias):
+    """-> (dx, dy, dscale, dbias): gradients of sum(grad * row_loss); dscale, dbias 0-d fp32."""
+    return _ops.siglip_bwd(grad, x, y, scale, bias)

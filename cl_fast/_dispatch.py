@@ -22,6 +22,7 @@ _MODULES = {
     "moco": {"triton": "triton_kernels.moco", "cpu": "cl_fast._cpu_backend"},
     "byol": {"triton": "triton_kernels.byol", "cpu": "cl_fast._cpu_backend"},
     "sinkhorn": {"triton": "triton_kernels.sinkhorn", "cpu": "cl_fast._cpu_backend"},
+    "siglip": {"triton": "triton_kernels.siglip", "cpu": "cl_fast._cpu_backend"},
 }
 # "auto" on a device tries these, first available wins
 _PREFERENCE = {"cuda": ("cuda", "triton"), "cpu": ("cpu",)}

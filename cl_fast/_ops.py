@@ -89,28 +89,34 @@ ntxent_fwd.register_autograd(_ntxent_backward, setup_context=_ntxent_setup)
 
 
 # ----------------------------------------------- info_nce / clip (cross, N x N, diagonal positives)
-def _cross_fwd_impl(q: Tensor, k: Tensor, scale: Tensor, both: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(row_loss, col_loss, row_lse, col_lse), fp32; the col_* are empty (0,) when not `both`."""
-    return _dispatch.module(backend).cross_fwd(q.contiguous(), k.contiguous(), _scale_value(scale), both)
+def _cross_fwd_impl(
+    q: Tensor, k: Tensor, scale: Tensor, both: bool, normalize: bool, backend: str
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(row_loss, col_loss, row_lse, col_lse), fp32; the col_* are empty (0,) when not `both`.
+    normalize=False uses the rows as given (clip_loss's OpenCLIP convention)."""
+    # TODO(merge): oplayer's op layer passes `normalize` always; today's launchers predate it, so
+    # it is passed only when False (the launchers of the triton / cpufix branches take it).
+    extra = () if normalize else (False,)
+    return _dispatch.module(backend).cross_fwd(q.contiguous(), k.contiguous(), _scale_value(scale), both, *extra)
 
 
 cross_fwd = define("cross_fwd", _cross_fwd_impl)
 
 
 @cross_fwd.register_fake
-def _(q, k, scale, both, backend):
+def _(q, k, scale, both, normalize, backend):
     cols = q.shape[0] if both else 0
     return _fp32((q.shape[0],), q), _fp32((cols,), q), _fp32((q.shape[0],), q), _fp32((cols,), q)
 
 
 def _cross_bwd_impl(
     grad_row: Tensor, grad_col: Tensor, q: Tensor, k: Tensor, scale: Tensor,
-    row_lse: Tensor, col_lse: Tensor, both: bool, backend: str,
+    row_lse: Tensor, col_lse: Tensor, both: bool, normalize: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dL/dscale)."""
     dq, dk, dscale = _dispatch.module(backend).cross_bwd(
         grad_row.contiguous(), grad_col.contiguous(), q.contiguous(), k.contiguous(),
-        _scale_value(scale), row_lse.contiguous(), col_lse.contiguous(), both,
+        _scale_value(scale), row_lse.contiguous(), col_lse.contiguous(), both, *(() if normalize else (False,)),
     )
     return dq, dk, dscale.to(scale.device)
 
@@ -119,14 +125,14 @@ cross_bwd = define("cross_bwd", _cross_bwd_impl)
 
 
 @cross_bwd.register_fake
-def _(grad_row, grad_col, q, k, scale, row_lse, col_lse, both, backend):
+def _(grad_row, grad_col, q, k, scale, row_lse, col_lse, both, normalize, backend):
     return torch.empty_like(q), torch.empty_like(k), _fp32((), scale)
 
 
 def _cross_setup(ctx, inputs, output):
-    q, k, scale, both, backend = inputs
+    q, k, scale, both, normalize, backend = inputs
     ctx.save_for_backward(q, k, scale, output[2], output[3])
-    ctx.both, ctx.backend = both, backend
+    ctx.both, ctx.normalize, ctx.backend = both, normalize, backend
     ctx.mark_non_differentiable(output[2], output[3])
 
 
@@ -134,9 +140,9 @@ def _cross_backward(ctx, grad_row, grad_col, _grad_row_lse, _grad_col_lse):
     q, k, scale, row_lse, col_lse = ctx.saved_tensors
     dq, dk, dscale = cross_bwd(
         _as_fp32(grad_row, row_lse), _as_fp32(grad_col, col_lse), q, k, scale,
-        row_lse, col_lse, ctx.both, ctx.backend,
+        row_lse, col_lse, ctx.both, ctx.normalize, ctx.backend,
     )
-    return dq, dk, dscale.to(scale.dtype), None, None
+    return dq, dk, dscale.to(scale.dtype), None, None, None
 
 
 cross_fwd.register_autograd(_cross_backward, setup_context=_cross_setup)

@@ -194,13 +194,13 @@ def test_opcheck(backend, gen):
     scale = torch.tensor(2.0, device=DEVICE, requires_grad=True)
     torch.library.opcheck(torch.ops.cl_fast.ntxent_fwd.default, (a, b, scale, backend))
     for both in (False, True):
-        torch.library.opcheck(torch.ops.cl_fast.cross_fwd.default, (a, b, scale, both, backend))
+        torch.library.opcheck(torch.ops.cl_fast.cross_fwd.default, (a, b, scale, both, True, backend))
     with torch.no_grad():
         _, lse = torch.ops.cl_fast.ntxent_fwd(a, b, scale, backend)
-        _, _, row_lse, col_lse = torch.ops.cl_fast.cross_fwd(a, b, scale, True, backend)
+        _, _, row_lse, col_lse = torch.ops.cl_fast.cross_fwd(a, b, scale, True, True, backend)
     grad = torch.rand(20, device=DEVICE)
     torch.library.opcheck(torch.ops.cl_fast.ntxent_bwd.default, (grad, a.detach(), b.detach(), scale.detach(), lse, backend))
     g = torch.rand(10, device=DEVICE)
     torch.library.opcheck(
-        torch.ops.cl_fast.cross_bwd.default, (g, g, a.detach(), b.detach(), scale.detach(), row_lse, col_lse, True, backend)
+        torch.ops.cl_fast.cross_bwd.default, (g, g, a.detach(), b.detach(), scale.detach(), row_lse, col_lse, True, True, backend)
     )
