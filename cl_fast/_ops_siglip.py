@@ -59,15 +59,30 @@ def _setup(ctx, inputs, output):
     ctx.backend = backend
 
 
+class _NoDoubleBackward(torch.autograd.Function):
+    """Identity on the first-order gradients; differentiating them again raises a clear error
+    (the backward kernels have no derivative of their own: a silent zero would be wrong)."""
+
+    @staticmethod
+    def forward(ctx, *grads):
+        return tuple(g.clone() for g in grads)
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(
+            "siglip_loss: double backward through the fused op is not supported (its gradients are not "
+            "differentiable); use backend='torch' for higher-order gradients"
+        )
+
+
 def _backward(ctx, grad_loss):
     x, y, scale, bias = ctx.saved_tensors
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (grad_loss, x, y, scale, bias)):
-        # the backward kernels are not themselves differentiable; say so instead of a silent zero
-        raise RuntimeError("siglip_loss: double backward (create_graph=True) through the fused op is not supported; "
-                           "use backend='torch' for higher-order gradients")
     grad = torch.zeros_like(x[:, 0], dtype=torch.float32) if grad_loss is None else grad_loss.to(torch.float32)
     dx, dy, dscale, dbias = siglip_bwd(grad, x, y, scale, bias, ctx.backend)
-    return dx, dy, dscale.to(scale.dtype), dbias.to(bias.dtype), None
+    grads = (dx, dy, dscale.to(scale.dtype), dbias.to(bias.dtype))
+    if torch.is_grad_enabled():  # create_graph=True: a second backward must not pass silently
+        grads = _NoDoubleBackward.apply(*grads)
+    return (*grads, None)
 
 
 siglip_fwd.register_autograd(_backward, setup_context=_setup)
