@@ -43,8 +43,11 @@ MAX_DIM = 65536
 # 11584): the interpreter upcasts dot operands to fp32 after the cast to the input dtype.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-# (BLOCK_M = BLOCK_N, BLOCK_D, BLOCK_DO, num_warps, num_stages)
-_GPU_CONFIG = (64, 64, 128, 4, 2)
+# (BLOCK_M = BLOCK_N, BLOCK_D, BLOCK_DO, num_warps, num_stages), per input dtype class. Chosen from
+# the offline sm_90 compile (cuobjdump resource usage, D = 512): no spills, registers <= 211.
+# fp32's IEEE dot runs on FMAs and needs more registers per tile: one stage, a 64-wide D slab.
+# (64-wide BLOCK_D, or 4 warps, spill in every kernel: 255 registers plus a stack frame.)
+_GPU_CONFIGS = {"fp32": (64, 32, 64, 8, 1), "16bit": (64, 32, 128, 8, 2)}
 _INTERPRET_CONFIG = (16, 32, 32, 4, 1)
 
 
@@ -189,8 +192,12 @@ def _bwd_cols_kernel(x_ptr, y_ptr, g_ptr, gmax_ptr, scale_ptr, bias_ptr, dy_ptr,
 
 
 # ------------------------------------------------------------------------------ launchers
-def _config(D: int):
-    block, block_d, block_do, warps, stages = _INTERPRET_CONFIG if _INTERPRET else _GPU_CONFIG
+def _config(D: int, dtype: torch.dtype):
+    if _INTERPRET:
+        config = _INTERPRET_CONFIG
+    else:
+        config = _GPU_CONFIGS["fp32" if dtype == torch.float32 else "16bit"]
+    block, block_d, block_do, warps, stages = config
     block_d = min(block_d, max(16, triton.next_power_of_2(D)))
     block_do = min(block_do, max(16, triton.next_power_of_2(D)))
     return block, block_d, block_do, warps, stages
@@ -210,7 +217,7 @@ def siglip_fwd(x, y, scale, bias):
     _check(x, y, scale, bias)
     x, y = x.contiguous(), y.contiguous()
     N, D = x.shape
-    block, block_d, _, warps, stages = _config(D)
+    block, block_d, _, warps, stages = _config(D, x.dtype)
     loss = torch.empty(N, dtype=torch.float32, device=x.device)
     _fwd_kernel[(triton.cdiv(N, block),)](
         x, y, scale.reshape(()), bias.reshape(()), loss, N, D, BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d,
@@ -226,7 +233,7 @@ def siglip_bwd(grad, x, y, scale, bias):
     x, y = x.contiguous(), y.contiguous()
     g = grad.to(torch.float32).contiguous()
     N, D = x.shape
-    block, block_d, block_do, warps, stages = _config(D)
+    block, block_d, block_do, warps, stages = _config(D, x.dtype)
     blocks, slabs = triton.cdiv(N, block), triton.cdiv(D, block_do)
     gmax = g.abs().amax()  # a device scalar: no host sync
     dx, dy = torch.empty_like(x), torch.empty_like(y)
@@ -245,10 +252,10 @@ def sm90_specs(dims=(512,)):
     """Compile specs of every kernel for the offline sm_90 check (PLAN.md): one per kernel, dtype
     and representative D, with the GPU launch config. Each: dict(name, fn, signature, constexprs,
     num_warps, num_stages)."""
-    block, block_d, block_do, warps, stages = _GPU_CONFIG
     specs = []
     for D in dims:
         for dtype, ptr in (("fp32", "*fp32"), ("bf16", "*bf16"), ("fp16", "*fp16")):
+            block, block_d, block_do, warps, stages = _GPU_CONFIGS["fp32" if dtype == "fp32" else "16bit"]
             base = dict(BLOCK_M=block, BLOCK_N=block, BLOCK_D=min(block_d, D), FP32=dtype == "fp32",
                         UPCAST_DOT=False, N_STATIC=0, D=D)
             scalars = {"scale_ptr": "*fp32", "bias_ptr": "*fp32"}
