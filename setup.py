@@ -29,7 +29,7 @@ def _with_cuda():
 
 
 def _extension():
-    sources = ["csrc/bindings.cpp"] + _sources("csrc/cpu/*.cpp")
+    sources = ["csrc/ops.cpp"] + _sources("csrc/cpu/*.cpp")  # schemas + checks, then the CPU kernels
     cxx = ["-O3", "-std=c++17", "-fopenmp", "-march=native" if os.environ.get("CL_FAST_NATIVE") == "1" else "-mavx2", "-mfma"]
     if _with_cuda():
         sources += _sources("csrc/cuda/*.cu")

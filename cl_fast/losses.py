@@ -14,16 +14,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from . import _checks, _dispatch, _ops, reference
+from . import _checks, _dispatch, reference
+from ._ops import infonce as ops
+from ._ops import reduce_loss, scale_tensor
 from .siglip import _check_bias, _check_world
-
-
-def _scale_tensor(value, reciprocal: bool, device: torch.device) -> Tensor:
-    """The scale s the kernels multiply by, as a 0-d fp32 tensor (keeps autograd to `value`)."""
-    if isinstance(value, Tensor):
-        scale = value.reshape(()).to(device=device, dtype=torch.float32)
-        return 1.0 / scale if reciprocal else scale
-    return torch.tensor(1.0 / value if reciprocal else value, dtype=torch.float32, device=device)
 
 
 def _zero_loss(rows: int, reduction: str, *tensors) -> Tensor:
@@ -35,7 +29,7 @@ def _zero_loss(rows: int, reduction: str, *tensors) -> Tensor:
         if isinstance(t, Tensor) and t.requires_grad:
             zero = zero + (t * 0).sum().to(torch.float32)
     per_row = zero.expand(rows) if reduction == "none" else zero
-    return per_row if reduction == "none" else reference.reduce_loss(per_row.reshape(1), reduction)
+    return per_row if reduction == "none" else reduce_loss(per_row.reshape(1), reduction)
 
 
 def nt_xent(z1: Tensor, z2: Tensor, temperature=0.5, *, reduction: str = "mean", backend: str = "auto") -> Tensor:
@@ -53,14 +47,14 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature=0.5, *, reduction: str = "mean",
         return reference.nt_xent(z1, z2, temperature, reduction=reduction)
     if z1.shape[0] == 1:
         return _zero_loss(2, reduction, z1, z2, temperature)
-    losses, _ = _ops.ntxent_fwd(z1, z2, _scale_tensor(temperature, True, z1.device), backend)
-    return reference.reduce_loss(losses, reduction)
+    losses, _ = ops.ntxent_fwd(z1, z2, scale_tensor(temperature, True, z1.device), backend)
+    return reduce_loss(losses, reduction)
 
 
-def _cross(query, key, scale, both, reduction, backend, normalize=True):
-    row_loss, col_loss, _, _ = _ops.cross_fwd(query, key, scale, both, normalize, backend)
+def _cross(query, key, scale, both, normalize, reduction, backend):
+    row_loss, col_loss, _, _ = ops.cross_fwd(query, key, scale, both, normalize, backend)
     per_row = 0.5 * (row_loss + col_loss) if both else row_loss
-    return reference.reduce_loss(per_row, reduction)
+    return reduce_loss(per_row, reduction)
 
 
 def info_nce(
@@ -81,7 +75,8 @@ def info_nce(
         return reference.info_nce(query, key, temperature, symmetric=symmetric, reduction=reduction)
     if query.shape[0] == 1:
         return _zero_loss(1, reduction, query, key, temperature)
-    return _cross(query, key, _scale_tensor(temperature, True, query.device), bool(symmetric), reduction, backend)
+    scale = scale_tensor(temperature, True, query.device)
+    return _cross(query, key, scale, bool(symmetric), True, reduction, backend)
 
 
 def clip_loss(
@@ -105,8 +100,8 @@ def clip_loss(
         return reference.clip_loss(image_features, text_features, logit_scale, logit_bias, normalize=normalize)
     if image_features.shape[0] == 1:
         return _zero_loss(1, "mean", image_features, text_features, logit_scale, logit_bias)
-    scale = _scale_tensor(logit_scale, False, image_features.device)
-    loss = _cross(image_features, text_features, scale, True, "mean", backend, bool(normalize))
+    scale = scale_tensor(logit_scale, False, image_features.device)
+    loss = _cross(image_features, text_features, scale, True, bool(normalize), "mean", backend)
     if isinstance(logit_bias, Tensor):
         loss = loss + (logit_bias * 0).sum().to(loss.dtype)  # the bias cancels: its gradient is 0
     return loss
@@ -219,7 +214,7 @@ class NTXentLoss(nn.Module):
                     bank.ptr.add_(keys.shape[0] - size).remainder_(size)
                 keys = keys[-size:]
             bank.enqueue(keys)
-        return reference.reduce_loss(per_row, self.reduction)
+        return reduce_loss(per_row, self.reduction)
 
     def _positive_key_term(self, out0: Tensor, out1: Tensor, per_row: Tensor) -> Tensor:
         """A zero-valued term whose gradient is lightly's gradient into out1 (moco_loss gives none).

@@ -4,18 +4,20 @@ loss = -sum_ij logsigmoid(z_ij (s x_i . y_j + b)) / N, z = 2 eye(N) - 1 (SPEC.md
 given (OpenCLIP's model normalises them). This is the loss whose N x N logits cost most memory in
 OpenCLIP (one logits tensor, one labels tensor, the logsigmoid and its gradient: four N x N
 buffers); the fused backends keep none: the forward sums each row's softplus terms tile by tile,
-the backward recomputes the tiles (cl_fast/_ops_siglip.py, csrc/cpu/siglip.cpp,
+the backward recomputes the tiles (cl_fast/_ops/siglip.py, csrc/cpu/siglip.cpp,
 triton_kernels/siglip.py). Gradients flow into both features, `logit_scale` and `logit_bias`.
 """
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
 from torch import Tensor, nn
 
 from . import _checks, _dispatch, reference
-from ._ops_siglip import siglip_fwd
+from ._ops import scale_tensor
+from ._ops.siglip import siglip_fwd
 
 __all__ = ["siglip_loss", "SigLipLoss"]
 
@@ -36,15 +38,8 @@ def _check_bias(value, device: torch.device) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"logit_bias must be a float or a 0-d tensor, got {type(value).__name__}")
-    if not torch.isfinite(torch.tensor(float(value))):
+    if not math.isfinite(value):
         raise ValueError(f"logit_bias must be finite, got {value}")
-
-
-def as_scalar_tensor(value, device: torch.device) -> Tensor:
-    """A float or 0-d tensor as the 0-d fp32 tensor the kernels read (autograd kept to `value`)."""
-    if isinstance(value, Tensor):
-        return value.reshape(()).to(device=device, dtype=torch.float32)
-    return torch.tensor(float(value), dtype=torch.float32, device=device)
 
 
 def siglip_loss(
@@ -63,8 +58,8 @@ def siglip_loss(
     backend = _dispatch.resolve(backend, device, image_features.dtype, image_features.shape[1], op="siglip")
     if backend == "torch":
         return reference.siglip_loss(image_features, text_features, logit_scale, logit_bias)
-    scale = as_scalar_tensor(logit_scale, device)
-    bias = as_scalar_tensor(0.0 if logit_bias is None else logit_bias, device)
+    scale = scale_tensor(logit_scale, False, device)
+    bias = scale_tensor(0.0 if logit_bias is None else logit_bias, False, device)
     return siglip_fwd(image_features, text_features, scale, bias, backend).sum() / image_features.shape[0]
 
 

@@ -79,7 +79,7 @@ def test_value_and_all_gradients_match_float64(backend, dtype, n, d, gen):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 def test_per_row_losses_and_weighted_upstream(backend, dtype, gen):
     """The op's per-row losses, and a backward with a random weight per row (not just the mean)."""
-    from cl_fast._ops_siglip import siglip_fwd
+    from cl_fast._ops.siglip import siglip_fwd
 
     x, y, scale, bias = _inputs(37, 24, dtype, gen)
     (xt, yt, st, bt), (x64, y64, s64, b64) = _leaves(x, y, scale, bias)

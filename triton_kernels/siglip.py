@@ -249,32 +249,32 @@ def siglip_bwd(grad, x, y, scale, bias):
 
 # ------------------------------------------------------------------------------ sm_90 compile specs
 def sm90_specs(dims=(512,)):
-    """Compile specs of every kernel for the offline sm_90 check (PLAN.md): one per kernel, dtype
-    and representative D, with the GPU launch config. Each: dict(name, fn, signature, constexprs,
-    num_warps, num_stages)."""
+    """Offline sm_90 compile specs (benchmarks/ptx_table.py, tests/test_triton_sm90.py): the three
+    kernels per dtype at a representative CLIP width, with the GPU launch configs of _GPU_CONFIGS.
+    Dicts with name, fn, signature, constexprs, num_warps, num_stages, config, no_atomics (every
+    kernel here is atomic-free: the ds / db partials are one store per program)."""
     specs = []
     for D in dims:
         for dtype, ptr in (("fp32", "*fp32"), ("bf16", "*bf16"), ("fp16", "*fp16")):
             block, block_d, block_do, warps, stages = _GPU_CONFIGS["fp32" if dtype == "fp32" else "16bit"]
-            base = dict(BLOCK_M=block, BLOCK_N=block, BLOCK_D=min(block_d, D), FP32=dtype == "fp32",
-                        UPCAST_DOT=False, N_STATIC=0, D=D)
+            fwd = dict(D=D, BLOCK_M=block, BLOCK_N=block, BLOCK_D=min(block_d, D), FP32=dtype == "fp32",
+                       UPCAST_DOT=False, N_STATIC=0)
+            bwd = dict(fwd, BLOCK_DO=min(block_do, D))
             scalars = {"scale_ptr": "*fp32", "bias_ptr": "*fp32"}
-            specs.append(dict(
-                name=f"siglip_fwd_{dtype}_D{D}", fn=_fwd_kernel,
-                signature={"x_ptr": ptr, "y_ptr": ptr, **scalars, "loss_ptr": "*fp32", "N": "i32"},
-                constexprs=dict(base), num_warps=warps, num_stages=stages,
-            ))
-            bwd = dict(base, BLOCK_DO=min(block_do, D))
-            specs.append(dict(
-                name=f"siglip_bwd_rows_{dtype}_D{D}", fn=_bwd_rows_kernel,
-                signature={"x_ptr": ptr, "y_ptr": ptr, "g_ptr": "*fp32", "gmax_ptr": "*fp32", **scalars,
-                           "dx_ptr": ptr, "ds_part_ptr": "*fp32", "db_part_ptr": "*fp32", "N": "i32"},
-                constexprs=bwd, num_warps=warps, num_stages=stages,
-            ))
-            specs.append(dict(
-                name=f"siglip_bwd_cols_{dtype}_D{D}", fn=_bwd_cols_kernel,
-                signature={"x_ptr": ptr, "y_ptr": ptr, "g_ptr": "*fp32", "gmax_ptr": "*fp32", **scalars,
-                           "dy_ptr": ptr, "N": "i32"},
-                constexprs=dict(bwd), num_warps=warps, num_stages=stages,
-            ))
+            grads = {"g_ptr": "*fp32", "gmax_ptr": "*fp32"}
+            kernels = (
+                ("siglip_fwd", _fwd_kernel, {"x_ptr": ptr, "y_ptr": ptr, **scalars, "loss_ptr": "*fp32", "N": "i32"}, fwd),
+                ("siglip_bwd_rows", _bwd_rows_kernel,
+                 {"x_ptr": ptr, "y_ptr": ptr, **grads, **scalars, "dx_ptr": ptr, "ds_part_ptr": "*fp32",
+                  "db_part_ptr": "*fp32", "N": "i32"}, bwd),
+                ("siglip_bwd_cols", _bwd_cols_kernel,
+                 {"x_ptr": ptr, "y_ptr": ptr, **grads, **scalars, "dy_ptr": ptr, "N": "i32"}, bwd),
+            )
+            config = f"BLOCK={block} BLOCK_D={block_d} BLOCK_DO={block_do} w={warps} s={stages}"
+            for name, fn, signature, constexprs in kernels:
+                specs.append(dict(
+                    name=f"{name}[{dtype},D={D}]", fn=fn,
+                    signature=dict(signature, **{key: "constexpr" for key in constexprs}),
+                    constexprs=constexprs, num_warps=warps, num_stages=stages, config=config, no_atomics=True,
+                ))
     return specs

@@ -13,6 +13,7 @@
 // ds, db) and a column pass (dy) that recomputes the tiles: every output row block is owned by one
 // thread, so no atomics and a result independent of the thread count.
 #include "cpu_vec.h"
+#include "../ops.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -31,25 +32,6 @@ namespace {
 constexpr int64_t kTile = 64;
 
 int64_t pack_floats(int64_t dim) { return dim * (kTile + 2 * kVec); }
-
-// TODO(merge): oplayer's csrc/ops.h declares cl_fast::check_siglip_fwd / check_siglip_bwd; call
-// those instead of this local check once it lands.
-void check_inputs(const at::Tensor& x, const at::Tensor& y, const at::Tensor& scale, const at::Tensor& bias) {
-  TORCH_CHECK_VALUE(x.dim() == 2, "image_features must be 2-D (N, D), got shape ", x.sizes());
-  TORCH_CHECK_VALUE(x.sizes() == y.sizes(), "image_features and text_features must have the same shape, got ",
-                    x.sizes(), " and ", y.sizes());
-  TORCH_CHECK_VALUE(x.size(0) >= 1 && x.size(1) >= 1, "image_features must be (N >= 1, D >= 1), got ", x.sizes());
-  const auto dt = x.scalar_type();
-  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16,
-                   "image_features must be float32, float16 or bfloat16, got ", dt);
-  TORCH_CHECK_TYPE(y.scalar_type() == dt, "text_features must have image_features' dtype ", dt, ", got ",
-                   y.scalar_type());
-  TORCH_CHECK_VALUE(x.device().is_cpu() && y.device().is_cpu(), "siglip CPU kernel: features must be CPU tensors");
-  TORCH_CHECK_VALUE(scale.numel() == 1 && scale.scalar_type() == at::kFloat && scale.device().is_cpu(),
-                    "scale must be a 0-d float32 CPU tensor");
-  TORCH_CHECK_VALUE(bias.numel() == 1 && bias.scalar_type() == at::kFloat && bias.device().is_cpu(),
-                    "bias must be a 0-d float32 CPU tensor");
-}
 
 inline Vec abs_vec(const Vec& v) { return v.abs(); }
 
@@ -108,10 +90,10 @@ void grad_tile(float* tile, int64_t i0, int64_t m, int64_t j0, int64_t n, const 
 
 at::Tensor siglip_fwd(const at::Tensor& x_in, const at::Tensor& y_in, const at::Tensor& scale,
                       const at::Tensor& bias) {
-  check_inputs(x_in, y_in, scale, bias);
+  check_siglip_fwd(x_in, y_in, scale, bias);
   const at::Tensor x = x_in.to(at::kFloat).contiguous(), y = y_in.to(at::kFloat).contiguous();
   const int64_t N = x.size(0), D = x.size(1);
-  const float s = scale.item<float>(), b = bias.item<float>();
+  const float s = scale.item<float>(), b = bias.item<float>();  // CPU tensors: no device sync
   at::Tensor row_loss = at::empty({N}, x.options());
   const float* xp = x.data_ptr<float>();
   const float* yp = y.data_ptr<float>();
@@ -146,10 +128,9 @@ at::Tensor siglip_fwd(const at::Tensor& x_in, const at::Tensor& y_in, const at::
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_bwd(const at::Tensor& grad, const at::Tensor& x_in,
                                                                       const at::Tensor& y_in, const at::Tensor& scale,
                                                                       const at::Tensor& bias) {
-  check_inputs(x_in, y_in, scale, bias);
+  check_siglip_bwd(grad, x_in, y_in, scale, bias);
   const at::Tensor x = x_in.to(at::kFloat).contiguous(), y = y_in.to(at::kFloat).contiguous();
   const int64_t N = x.size(0), D = x.size(1);
-  TORCH_CHECK_VALUE(grad.numel() == N && grad.scalar_type() == at::kFloat, "grad must be (N,) float32");
   const at::Tensor g = grad.contiguous();
   const float s = scale.item<float>(), b = bias.item<float>();
   at::Tensor dx = at::zeros({N, D}, x.options()), dy = at::zeros({N, D}, x.options());
@@ -212,14 +193,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_bwd(const at::
 
 }  // namespace
 }  // namespace cl_fast::cpu
-
-// TODO(merge): remove this fragment once oplayer's csrc/ops.cpp defines the siglip schemas in the
-// one TORCH_LIBRARY(cl_fast_C) block (a second definition of a schema fails at load time).
-TORCH_LIBRARY_FRAGMENT(cl_fast_C, m) {
-  m.def("siglip_fwd(Tensor x, Tensor y, Tensor scale, Tensor bias) -> Tensor row_loss");
-  m.def("siglip_bwd(Tensor grad, Tensor x, Tensor y, Tensor scale, Tensor bias) -> "
-        "(Tensor dx, Tensor dy, Tensor dscale, Tensor dbias)");
-}
 
 TORCH_LIBRARY_IMPL(cl_fast_C, CPU, m) {
   m.impl("siglip_fwd", &cl_fast::cpu::siglip_fwd);
