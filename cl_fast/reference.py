@@ -59,11 +59,32 @@ def info_nce(query, key, temperature=0.1, *, symmetric=False, reduction="mean"):
     return reduce_loss(per_row, reduction)
 
 
-def clip_loss(image_features, text_features, logit_scale, *, normalize=True):
-    """OpenCLIP ClipLoss: 0.5 * (CE(S, arange) + CE(S^T, arange)), S = s * n(I) n(T)^T."""
+def clip_loss(image_features, text_features, logit_scale, logit_bias=None, *, normalize=False):
+    """OpenCLIP ClipLoss: 0.5 * (CE(S, arange) + CE(S^T, arange)), S = s * I T^T (+ b).
+
+    Features as given (OpenCLIP's convention); normalize=True uses n(I), n(T). The bias shifts
+    every logit, so it cancels in both softmaxes (its gradient is 0, as OpenCLIP's autograd gives).
+    """
     logits = _cross_logits(image_features, text_features, logit_scale, normalize)
+    if logit_bias is not None:
+        logits = logits + logit_bias
     labels = torch.arange(logits.shape[0], device=logits.device)
     return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+
+
+def siglip_loss(image_features, text_features, logit_scale, logit_bias, *, reduction="mean"):
+    """OpenCLIP SigLipLoss: -sum_ij logsigmoid(z_ij (s I_i . T_j + b)) / N, z = 2 eye(N) - 1.
+
+    Features as given. reduction="none" gives the per-image (row) sums; "mean" divides their
+    total by N (OpenCLIP's value), "sum" is the total.
+    """
+    logits = _cross_logits(image_features, text_features, logit_scale, normalize=False)
+    if logit_bias is not None:
+        logits = logits + logit_bias
+    n = logits.shape[0]
+    signs = 2 * torch.eye(n, dtype=logits.dtype, device=logits.device) - 1
+    per_row = -F.logsigmoid(signs * logits).sum(dim=1)
+    return reduce_loss(per_row, reduction)
 
 
 # ------------------------------------------------------------------------- MoCo and BYOL
