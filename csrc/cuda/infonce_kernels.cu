@@ -1,0 +1,91 @@
+// Launchers of the InfoNCE CUDA kernels (infonce_kernels.cuh): one instantiation per
+// (dtype, nt_xent | cross), dynamic shared memory raised past 48 KB where needed.
+#include "infonce_kernels.cuh"
+
+namespace cl_fast::cuda {
+namespace {
+
+cudaError_t launch_inv_norm(const InfonceProblem& p, cudaStream_t stream) {
+  if (!p.normalize) return cudaSuccess;
+  const unsigned blocks = static_cast<unsigned>((2 * p.n + 7) / 8);
+  switch (p.dtype) {
+    case Dtype::kFloat32: row_inv_norm_kernel<float><<<blocks, 256, 0, stream>>>(p); break;
+    case Dtype::kFloat16: row_inv_norm_kernel<__half><<<blocks, 256, 0, stream>>>(p); break;
+    case Dtype::kBFloat16: row_inv_norm_kernel<__nv_bfloat16><<<blocks, 256, 0, stream>>>(p); break;
+  }
+  return cudaGetLastError();
+}
+
+template <typename Kernel>
+cudaError_t allow_smem(Kernel kernel, size_t bytes) {
+  if (bytes <= 48 * 1024) return cudaSuccess;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+}
+
+template <typename Element, bool kCross>
+cudaError_t forward_impl(const InfonceFwdParams& p, cudaStream_t stream) {
+  using Traits = InfonceTraits<Element, kCross>;
+  const size_t smem = Traits::fwd_smem_bytes();
+  auto kernel = infonce_fwd_kernel<Traits>;
+  cudaError_t status = allow_smem(kernel, smem);
+  if (status != cudaSuccess) return status;
+  const dim3 grid(static_cast<unsigned>(infonce_dscale_partials(p.n)));
+  kernel<<<grid, Traits::kThreads, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename Element, bool kCross>
+cudaError_t backward_impl(const InfonceBwdParams& p, cudaStream_t stream) {
+  using Traits = InfonceTraits<Element, kCross>;
+  const size_t smem = Traits::bwd_smem_bytes();
+  auto kernel = infonce_bwd_kernel<Traits>;
+  cudaError_t status = allow_smem(kernel, smem);
+  if (status != cudaSuccess) return status;
+  const int64_t blocks = infonce_dscale_partials(p.n);
+  const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>((p.dim + Traits::kSlice - 1) / Traits::kSlice));
+  kernel<<<grid, Traits::kThreads, smem, stream>>>(p);
+  status = cudaGetLastError();
+  if (status != cudaSuccess) return status;
+  dscale_finalize_kernel<<<1, 256, 0, stream>>>(p.dscale_partials, blocks, p.scale, p.dscale);
+  return cudaGetLastError();
+}
+
+template <template <typename, bool> class Impl, typename Params>
+cudaError_t dispatch(const Params& p, cudaStream_t stream) {
+  switch (p.dtype) {
+    case Dtype::kFloat32:
+      return p.cross ? Impl<float, true>::run(p, stream) : Impl<float, false>::run(p, stream);
+    case Dtype::kFloat16:
+      return p.cross ? Impl<__half, true>::run(p, stream) : Impl<__half, false>::run(p, stream);
+    case Dtype::kBFloat16:
+      return p.cross ? Impl<__nv_bfloat16, true>::run(p, stream) : Impl<__nv_bfloat16, false>::run(p, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+template <typename Element, bool kCross>
+struct Forward {
+  static cudaError_t run(const InfonceFwdParams& p, cudaStream_t stream) { return forward_impl<Element, kCross>(p, stream); }
+};
+template <typename Element, bool kCross>
+struct Backward {
+  static cudaError_t run(const InfonceBwdParams& p, cudaStream_t stream) { return backward_impl<Element, kCross>(p, stream); }
+};
+
+}  // namespace
+
+cudaError_t infonce_forward(const InfonceFwdParams& p, cudaStream_t stream) {
+  if (p.n <= 0 || p.dim <= 0) return cudaSuccess;
+  cudaError_t status = launch_inv_norm(p, stream);
+  if (status != cudaSuccess) return status;
+  return dispatch<Forward>(p, stream);
+}
+
+cudaError_t infonce_backward(const InfonceBwdParams& p, cudaStream_t stream) {
+  if (p.n <= 0 || p.dim <= 0) return cudaSuccess;
+  cudaError_t status = launch_inv_norm(p, stream);
+  if (status != cudaSuccess) return status;
+  return dispatch<Backward>(p, stream);
+}
+
+}  // namespace cl_fast::cuda
