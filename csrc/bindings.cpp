@@ -15,13 +15,6 @@
 
 #include "cpu/infonce_cpu.h"
 
-#ifdef CL_FAST_WITH_CUDA
-#include <c10/cuda/CUDAStream.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <cuda_runtime_api.h>
-
-#include "cuda/normalize.h"
-#endif
 
 // `import cl_fast._C` loads this library, which runs the TORCH_LIBRARY registrations below.
 extern "C" {
@@ -151,26 +144,6 @@ at::Tensor l2_normalize_cpu(const at::Tensor& x) {
   return cpu::l2_normalize(x);
 }
 
-// ---- CUDA -----------------------------------------------------------------------------------
-
-#ifdef CL_FAST_WITH_CUDA
-at::Tensor l2_normalize_cuda(const at::Tensor& x) {
-  check_normalize_input(x);
-  check_device_type(x, "x", c10::DeviceType::CUDA);
-  const c10::cuda::CUDAGuard device_guard(x.device());
-  const at::Tensor input = x.contiguous();
-  at::Tensor out = at::empty_like(input);
-  const int dtype = input.scalar_type() == at::kFloat  ? CL_FAST_FLOAT32
-                    : input.scalar_type() == at::kHalf ? CL_FAST_FLOAT16
-                                                       : CL_FAST_BFLOAT16;
-  const int status = cl_fast_l2_normalize_cuda(input.data_ptr(), out.data_ptr(), input.size(0), input.size(1), dtype,
-                                               c10::cuda::getCurrentCUDAStream().stream());
-  TORCH_CHECK(status == 0, "cl_fast l2_normalize CUDA kernel failed to launch: ",
-              cudaGetErrorString(static_cast<cudaError_t>(status)));
-  return out;
-}
-#endif
-
 // ---- Meta (output shapes and dtypes only) ---------------------------------------------------
 // Shapes may be symbolic here (torch.compile), so only ranks and dtypes are checked; the real
 // kernels check the sizes.
@@ -264,7 +237,3 @@ TORCH_LIBRARY_IMPL(cl_fast_C, Meta, m) {
   m.impl("cross_bwd", &cl_fast::cross_bwd_meta);
   m.impl("l2_normalize", &cl_fast::l2_normalize_meta);
 }
-
-#ifdef CL_FAST_WITH_CUDA
-TORCH_LIBRARY_IMPL(cl_fast_C, CUDA, m) { m.impl("l2_normalize", &cl_fast::l2_normalize_cuda); }
-#endif

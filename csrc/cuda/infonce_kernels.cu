@@ -5,6 +5,17 @@
 namespace cl_fast::cuda {
 namespace {
 
+// Dynamic shared memory per block: within sm_80's opt-in limit (163 KB; sm_90: 227 KB).
+constexpr size_t kMaxSmemPerBlock = 166912;
+template <typename Element>
+constexpr bool smem_fits() {
+  return InfonceTraits<Element, true>::bwd_smem_bytes() <= kMaxSmemPerBlock &&
+         InfonceTraits<Element, false>::bwd_smem_bytes() <= kMaxSmemPerBlock &&
+         InfonceTraits<Element, true>::fwd_smem_bytes() <= kMaxSmemPerBlock;
+}
+static_assert(smem_fits<float>() && smem_fits<__half>() && smem_fits<__nv_bfloat16>(),
+              "InfoNCE tiles exceed the per-block shared memory of sm_80");
+
 cudaError_t launch_inv_norm(const InfonceProblem& p, cudaStream_t stream) {
   if (!p.normalize) return cudaSuccess;
   const unsigned blocks = static_cast<unsigned>((2 * p.n + 7) / 8);

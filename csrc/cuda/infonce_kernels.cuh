@@ -284,7 +284,7 @@ __global__ void __launch_bounds__(256) row_inv_norm_kernel(const __grid_constant
 __device__ __forceinline__ bool use_fixed_shift(const InfonceProblem& p, float s) { return p.normalize && 2.f * s <= 80.f; }
 
 template <typename Traits>
-__global__ void __launch_bounds__(Traits::kThreads) infonce_fwd_kernel(const __grid_constant__ InfonceFwdParams p) {
+__global__ void __launch_bounds__(Traits::kThreads, 1) infonce_fwd_kernel(const __grid_constant__ InfonceFwdParams p) {
   using Element = typename Traits::Element;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   InfonceSmem<Traits> sm(smem_raw, false);
