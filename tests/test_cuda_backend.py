@@ -192,6 +192,30 @@ def test_sinkhorn(gen, b, k, dtype, epsilon):
     assert rel_err(out, expected) < (1e-3 if dtype == torch.float32 else 2e-2)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n,d", SHAPES)
+def test_siglip_ops(gen, n, d, dtype):
+    """siglip_fwd / siglip_bwd (the raw ops) against autograd of the float64 formula."""
+    (x, rx), (y, ry) = _inputs(gen, (n, d), (n, d), dtype=dtype)
+    with torch.no_grad():  # unit-norm-ish features, as a model gives
+        x.mul_(d ** -0.5)
+        y.mul_(d ** -0.5)
+    rx, ry = (t.detach().cpu().double().requires_grad_(True) for t in (x, y))
+    scale, bias = torch.tensor(10.0, device=DEV), torch.tensor(-10.0, device=DEV)
+    rs = torch.tensor(10.0, dtype=torch.float64, requires_grad=True)
+    rb = torch.tensor(-10.0, dtype=torch.float64, requires_grad=True)
+    z = 2 * torch.eye(n, dtype=torch.float64) - 1
+    expected = -torch.nn.functional.logsigmoid(z * (rs * rx @ ry.T + rb)).sum(dim=1)
+    row_loss = torch.ops.cl_fast_C.siglip_fwd(x.detach(), y.detach(), scale, bias)
+    assert rel_err(row_loss, expected) < RTOL[dtype]
+    grad = torch.rand(n, generator=gen, dtype=torch.float64)
+    (expected * grad).sum().backward()
+    dx, dy, dscale, dbias = torch.ops.cl_fast_C.siglip_bwd(grad.to(DEV, torch.float32), x.detach(), y.detach(), scale,
+                                                           bias)
+    for fused, ref in [(dx, rx.grad), (dy, ry.grad), (dscale, rs.grad), (dbias, rb.grad)]:
+        assert rel_err(fused, ref) < RTOL[dtype]
+
+
 def test_cuda_graph_capture_forward_backward(gen):
     (z1, _), (z2, _) = _inputs(gen, (256, 128), (256, 128), dtype=torch.bfloat16)
     temperature = torch.tensor(0.1, device=DEV, requires_grad=True)
@@ -243,6 +267,8 @@ def _opcheck_cases(gen):
         (ops.sinkhorn, (scores, 20.0, 3)),
         (ops.sinkhorn_col_lse, (scores, 20.0, torch.zeros(30, device=DEV))),
         (ops.sinkhorn_assign, (scores, 20.0, torch.zeros(30, device=DEV))),
+        (ops.siglip_fwd, (z1, z2, scale, torch.tensor(-5.0, device=DEV))),
+        (ops.siglip_bwd, (torch.rand(37, device=DEV), z1, z2, scale, torch.tensor(-5.0, device=DEV))),
     ]
 
 
@@ -291,6 +317,9 @@ SANITIZER_SCRIPT = textwrap.dedent("""
                               backend="cuda")
         cl_fast.byol_loss(z1, z2, backend="cuda").backward()
         cl_fast.sinkhorn(torch.randn(21, 33, device=dev, dtype=dtype), iterations=3, epsilon=0.05, backend="cuda")
+        s, b = torch.tensor(10.0, device=dev), torch.tensor(-10.0, device=dev)
+        torch.ops.cl_fast_C.siglip_fwd(z1.detach(), z2.detach(), s, b)
+        torch.ops.cl_fast_C.siglip_bwd(torch.rand(37, device=dev), z1.detach(), z2.detach(), s, b)
     torch.cuda.synchronize()
     print("ok")
 """)

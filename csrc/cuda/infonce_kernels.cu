@@ -9,7 +9,8 @@ namespace {
 constexpr size_t kMaxSmemPerBlock = 166912;
 template <typename Element>
 constexpr bool smem_fits() {
-  return InfonceTraits<Element, true>::bwd_smem_bytes() <= kMaxSmemPerBlock &&
+  return InfonceTraits<Element, true, true>::bwd_smem_bytes() <= kMaxSmemPerBlock &&
+         InfonceTraits<Element, true>::bwd_smem_bytes() <= kMaxSmemPerBlock &&
          InfonceTraits<Element, false>::bwd_smem_bytes() <= kMaxSmemPerBlock &&
          InfonceTraits<Element, true>::fwd_smem_bytes() <= kMaxSmemPerBlock;
 }
@@ -33,9 +34,9 @@ cudaError_t allow_smem(Kernel kernel, size_t bytes) {
   return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
 }
 
-template <typename Element, bool kCross>
+template <typename Element, bool kCross, bool kSiglip>
 cudaError_t forward_impl(const InfonceFwdParams& p, cudaStream_t stream) {
-  using Traits = InfonceTraits<Element, kCross>;
+  using Traits = InfonceTraits<Element, kCross, kSiglip>;
   const size_t smem = Traits::fwd_smem_bytes();
   auto kernel = infonce_fwd_kernel<Traits>;
   cudaError_t status = allow_smem(kernel, smem);
@@ -45,9 +46,9 @@ cudaError_t forward_impl(const InfonceFwdParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-template <typename Element, bool kCross>
+template <typename Element, bool kCross, bool kSiglip>
 cudaError_t backward_impl(const InfonceBwdParams& p, cudaStream_t stream) {
-  using Traits = InfonceTraits<Element, kCross>;
+  using Traits = InfonceTraits<Element, kCross, kSiglip>;
   const size_t smem = Traits::bwd_smem_bytes();
   auto kernel = infonce_bwd_kernel<Traits>;
   cudaError_t status = allow_smem(kernel, smem);
@@ -57,30 +58,35 @@ cudaError_t backward_impl(const InfonceBwdParams& p, cudaStream_t stream) {
   kernel<<<grid, Traits::kThreads, smem, stream>>>(p);
   status = cudaGetLastError();
   if (status != cudaSuccess) return status;
-  dscale_finalize_kernel<<<1, 256, 0, stream>>>(p.dscale_partials, blocks, p.scale, p.dscale);
+  dscale_finalize_kernel<<<1, 256, 0, stream>>>(p.dscale_partials, blocks, p.scale, !kSiglip, p.dscale);
+  if (kSiglip) dscale_finalize_kernel<<<1, 256, 0, stream>>>(p.dbias_partials, blocks, p.scale, false, p.dbias);
   return cudaGetLastError();
 }
 
-template <template <typename, bool> class Impl, typename Params>
+template <template <typename> class Impl, typename Params>
 cudaError_t dispatch(const Params& p, cudaStream_t stream) {
   switch (p.dtype) {
-    case Dtype::kFloat32:
-      return p.cross ? Impl<float, true>::run(p, stream) : Impl<float, false>::run(p, stream);
-    case Dtype::kFloat16:
-      return p.cross ? Impl<__half, true>::run(p, stream) : Impl<__half, false>::run(p, stream);
-    case Dtype::kBFloat16:
-      return p.cross ? Impl<__nv_bfloat16, true>::run(p, stream) : Impl<__nv_bfloat16, false>::run(p, stream);
+    case Dtype::kFloat32: return Impl<float>::run(p, stream);
+    case Dtype::kFloat16: return Impl<__half>::run(p, stream);
+    case Dtype::kBFloat16: return Impl<__nv_bfloat16>::run(p, stream);
   }
   return cudaErrorInvalidValue;
 }
 
-template <typename Element, bool kCross>
+// nt_xent, cross (info_nce / clip), SigLIP
+template <typename Element>
 struct Forward {
-  static cudaError_t run(const InfonceFwdParams& p, cudaStream_t stream) { return forward_impl<Element, kCross>(p, stream); }
+  static cudaError_t run(const InfonceFwdParams& p, cudaStream_t stream) {
+    if (p.siglip) return forward_impl<Element, true, true>(p, stream);
+    return p.cross ? forward_impl<Element, true, false>(p, stream) : forward_impl<Element, false, false>(p, stream);
+  }
 };
-template <typename Element, bool kCross>
+template <typename Element>
 struct Backward {
-  static cudaError_t run(const InfonceBwdParams& p, cudaStream_t stream) { return backward_impl<Element, kCross>(p, stream); }
+  static cudaError_t run(const InfonceBwdParams& p, cudaStream_t stream) {
+    if (p.siglip) return backward_impl<Element, true, true>(p, stream);
+    return p.cross ? backward_impl<Element, true, false>(p, stream) : backward_impl<Element, false, false>(p, stream);
+  }
 };
 
 }  // namespace

@@ -45,10 +45,12 @@
 
 namespace cl_fast::cuda {
 
-template <typename Element_, bool kCross_>
+template <typename Element_, bool kCross_, bool kSiglip_ = false>
 struct InfonceTraits {
   using Element = Element_;
   static constexpr bool kCross = kCross_;
+  static constexpr bool kSiglip = kSiglip_;  // sigmoid loss on raw features (cross layout)
+  static_assert(!kSiglip || kCross, "SigLIP runs on the cross layout");
   static constexpr bool kFp32 = std::is_same_v<Element, float>;
   static constexpr int kTiles = kCross ? 2 : 1;  // column tiles in flight (cross: k rows for q, q rows for k)
   static constexpr int kWarps = 4;
@@ -72,7 +74,7 @@ struct InfonceTraits {
   }
   static constexpr size_t bwd_smem_bytes() {
     return sizeof(Element) * (2 * kChunkElems + 2 * kTiles * kChunkElems + kTiles * kCols * kSliceStride) +
-           sizeof(float) * (4 * kTiles * kCols + kRows + kWarps);
+           sizeof(float) * (4 * kTiles * kCols + kRows + 2 * kWarps);
   }
 };
 
@@ -179,7 +181,7 @@ template <typename Traits>
 struct InfonceSmem {
   using Element = typename Traits::Element;
   Element* elements;  // a_chunk[2], b_chunk[2][kTiles], v_slice[kTiles] (backward)
-  float* floats;      // col_r, col_g, col_lse, col_a ([kTiles][kCols] each), row_gneg[kRows], warp_part[kWarps]
+  float* floats;      // col_r, col_g, col_lse, col_a ([kTiles][kCols] each), row_gneg[kRows], warp_part[2 * kWarps]
 
   __device__ InfonceSmem(unsigned char* raw, bool backward) : elements(reinterpret_cast<Element*>(raw)) {
     const int count = (2 + 2 * Traits::kTiles) * Traits::kChunkElems +
@@ -292,6 +294,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) infonce_fwd_kernel(const 
   const int h = warp / 2;  // half of the rows this warp holds
   const int tile = Traits::kCross ? h : 0;
   const float s = *p.scale;
+  const float bias = Traits::kSiglip ? *p.bias : 0.f;
   const bool fixed = use_fixed_shift(p, s);
   const bool vector = p.dim % Traits::kPerSeg == 0 && reinterpret_cast<uintptr_t>(p.first) % 16 == 0 &&
                       reinterpret_cast<uintptr_t>(p.second) % 16 == 0;
@@ -319,59 +322,84 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) infonce_fwd_kernel(const 
     float acc[Traits::kColTiles8][4];
     score_tile<Traits>(acc, p, sm, j0, vector, warp, lane);
     const int64_t cbase = column_base(p.cross, h, p.n) + j0;
-    float tile_max[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-    for (int nt = 0; nt < Traits::kColTiles8; ++nt) {
-#pragma unroll
-      for (int q = 0; q < 2; ++q) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int jj = 8 * nt + 2 * t + e;
-          const int64_t C = cbase + jj;
-          float S = s * acc[nt][2 * q + e] * row_r[q] * sm.col_r()[tile * Traits::kCols + jj];
-          if (C == partner[q]) {
-            s_pos[q] = S;
-            S = -INFINITY;
-          } else if (j0 + jj >= ncols || C == row[q]) {
-            S = -INFINITY;
-          }
-          acc[nt][2 * q + e] = S;
-          tile_max[q] = fmaxf(tile_max[q], S);
-        }
-      }
-    }
-#pragma unroll
-    for (int q = 0; q < 2; ++q) {
-      float m_new = m[q];
-      if (!fixed) {
-        m_new = fmaxf(m[q], tile_max[q]);
-        l[q] *= __expf(m[q] - m_new);
-        m[q] = m_new;
-      }
+    if constexpr (Traits::kSiglip) {
+      // l accumulates the row's sigmoid loss: softplus(-z (s x.y + b)), z = +1 at the partner
 #pragma unroll
       for (int nt = 0; nt < Traits::kColTiles8; ++nt) {
-        l[q] += __expf(acc[nt][2 * q] - m_new) + __expf(acc[nt][2 * q + 1] - m_new);
+#pragma unroll
+        for (int q = 0; q < 2; ++q) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int jj = 8 * nt + 2 * t + e;
+            const float logit = fmaf(s, acc[nt][2 * q + e], bias);
+            const float z = cbase + jj == partner[q] ? 1.f : -1.f;
+            if (j0 + jj < ncols) l[q] += softplus(-z * logit);
+          }
+        }
+      }
+    } else {
+      float tile_max[2] = {-INFINITY, -INFINITY};
+  #pragma unroll
+      for (int nt = 0; nt < Traits::kColTiles8; ++nt) {
+  #pragma unroll
+        for (int q = 0; q < 2; ++q) {
+  #pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int jj = 8 * nt + 2 * t + e;
+            const int64_t C = cbase + jj;
+            float S = s * acc[nt][2 * q + e] * row_r[q] * sm.col_r()[tile * Traits::kCols + jj];
+            if (C == partner[q]) {
+              s_pos[q] = S;
+              S = -INFINITY;
+            } else if (j0 + jj >= ncols || C == row[q]) {
+              S = -INFINITY;
+            }
+            acc[nt][2 * q + e] = S;
+            tile_max[q] = fmaxf(tile_max[q], S);
+          }
+        }
+      }
+  #pragma unroll
+      for (int q = 0; q < 2; ++q) {
+        float m_new = m[q];
+        if (!fixed) {
+          m_new = fmaxf(m[q], tile_max[q]);
+          l[q] *= __expf(m[q] - m_new);
+          m[q] = m_new;
+        }
+  #pragma unroll
+        for (int nt = 0; nt < Traits::kColTiles8; ++nt) {
+          l[q] += __expf(acc[nt][2 * q] - m_new) + __expf(acc[nt][2 * q + 1] - m_new);
+        }
       }
     }
     __syncthreads();  // col_r is rewritten by the next tile
   }
 
+  if constexpr (Traits::kSiglip) {
 #pragma unroll
-  for (int q = 0; q < 2; ++q) {
-    // merge the quad's partial (m, l): every lane of a quad holds a quarter of the row's columns
-    float m_row = m[q];
-    m_row = fmaxf(m_row, __shfl_xor_sync(0xffffffffu, m_row, 1));
-    m_row = fmaxf(m_row, __shfl_xor_sync(0xffffffffu, m_row, 2));
-    const float l_row = quad_sum(l[q] * __expf(m[q] - m_row));
-    const float pos = quad_sum(s_pos[q]);
-    const float loss = softplus(m_row + logf(l_row) - pos);  // log1p(neg / pos)
-    if (t == 0 && row[q] >= 0) {
-      const bool first = row[q] < p.n;
-      const int64_t i = first ? row[q] : row[q] - p.n;
-      float* loss_out = first ? p.loss_first : p.loss_second;
-      float* lse_out = first ? p.lse_first : p.lse_second;
-      if (loss_out != nullptr) loss_out[i] = loss;
-      if (lse_out != nullptr) lse_out[i] = pos + loss;
+    for (int q = 0; q < 2; ++q) {
+      const float loss = quad_sum(l[q]);
+      if (t == 0 && row[q] >= 0 && row[q] < p.n && p.loss_first != nullptr) p.loss_first[row[q]] = loss;
+    }
+  } else {
+#pragma unroll
+    for (int q = 0; q < 2; ++q) {
+      // merge the quad's partial (m, l): every lane of a quad holds a quarter of the row's columns
+      float m_row = m[q];
+      m_row = fmaxf(m_row, __shfl_xor_sync(0xffffffffu, m_row, 1));
+      m_row = fmaxf(m_row, __shfl_xor_sync(0xffffffffu, m_row, 2));
+      const float l_row = quad_sum(l[q] * __expf(m[q] - m_row));
+      const float pos = quad_sum(s_pos[q]);
+      const float loss = softplus(m_row + logf(l_row) - pos);  // log1p(neg / pos)
+      if (t == 0 && row[q] >= 0) {
+        const bool first = row[q] < p.n;
+        const int64_t i = first ? row[q] : row[q] - p.n;
+        float* loss_out = first ? p.loss_first : p.loss_second;
+        float* lse_out = first ? p.lse_first : p.lse_second;
+        if (loss_out != nullptr) loss_out[i] = loss;
+        if (lse_out != nullptr) lse_out[i] = pos + loss;
+      }
     }
   }
 }
@@ -387,6 +415,7 @@ __global__ void __launch_bounds__(Traits::kThreads) infonce_bwd_kernel(const __g
   const float s = *p.scale;
   const bool fixed = use_fixed_shift(p, s);
   const float c = s;  // the fixed shift
+  const float bias = Traits::kSiglip ? *p.bias : 0.f;
   const bool vector = p.dim % Traits::kPerSeg == 0 && reinterpret_cast<uintptr_t>(p.first) % 16 == 0 &&
                       reinterpret_cast<uintptr_t>(p.second) % 16 == 0;
   const int64_t ncols = column_count(p.cross, p.n);
@@ -400,7 +429,7 @@ __global__ void __launch_bounds__(Traits::kThreads) infonce_bwd_kernel(const __g
   const auto lse_of = [&](int64_t R) {
     const float* gp = R < p.n ? p.grad_first : p.grad_second;
     const float* lp = R < p.n ? p.lse_first : p.lse_second;
-    return gp == nullptr ? INFINITY : lp[R < p.n ? R : R - p.n];
+    return gp == nullptr || lp == nullptr ? INFINITY : lp[R < p.n ? R : R - p.n];
   };
 
   int64_t row[2], partner[2];
@@ -460,6 +489,18 @@ __global__ void __launch_bounds__(Traits::kThreads) infonce_bwd_kernel(const __g
         for (int e = 0; e < 2; ++e) {
           const int jj = 8 * nt + 2 * t + e;
           const int64_t C = cbase + jj;
+          if constexpr (Traits::kSiglip) {
+            // G = dL/dlogit = -z g sigmoid(-z logit) with g the x row's gradient: the row's own
+            // for the x half, the column's for the y half (the other one is 0).
+            const float dot = acc[nt][2 * q + e];
+            const float z = C == partner[q] ? 1.f : -1.f;
+            const float gx = g_own[q] + col_g[jj];
+            const float w = j0 + jj < ncols ? -z * gx / (1.f + __expf(z * fmaf(s, dot, bias))) : 0.f;
+            c_row[q] = fmaf(w, dot, c_row[q]);  // dL/ds = sum G x.y
+            neg_p[q] += w;                      // dL/db = sum G
+            acc[nt][2 * q + e] = w;
+            continue;
+          }
           const float S = s * acc[nt][2 * q + e] * row_r[q] * col_r[jj];
           float w = 0.f;
           if (C == partner[q]) {
@@ -535,11 +576,28 @@ __global__ void __launch_bounds__(Traits::kThreads) infonce_bwd_kernel(const __g
 
   // ---- epilogue: the positive pair, the normalisation backward, dscale ----
   float pair_w[2];
+  float b_sum = 0.f;
+  if constexpr (Traits::kSiglip) {  // no pair term; dscale, dbias from the x rows (each entry once)
+#pragma unroll
+    for (int q = 0; q < 2; ++q) {
+      const float cq = quad_sum(c_row[q]), bq = quad_sum(neg_p[q]);
+      if (row[q] >= 0 && row[q] < p.n) {
+        b_sum += bq;
+        c_row[q] = cq;
+      } else {
+        c_row[q] = 0.f;
+      }
+      neg_p[q] = 0.f;  // no exchange below
+      s_pos[q] = 0.f;
+    }
+  }
 #pragma unroll
   for (int q = 0; q < 2; ++q) {
-    neg_p[q] = quad_sum(neg_p[q]);
-    c_row[q] = quad_sum(c_row[q]);
-    s_pos[q] = quad_sum(s_pos[q]);
+    if constexpr (!Traits::kSiglip) {
+      neg_p[q] = quad_sum(neg_p[q]);
+      c_row[q] = quad_sum(c_row[q]);
+      s_pos[q] = quad_sum(s_pos[q]);
+    }
     if (t == 0) sm.row_gneg()[16 * warp + g + 8 * q] = g_own[q] * neg_p[q];
   }
   __syncthreads();
@@ -578,21 +636,28 @@ __global__ void __launch_bounds__(Traits::kThreads) infonce_bwd_kernel(const __g
   }
   // per-CTA dscale partial (once per row block: slice 0), rows summed in a fixed order
   if (blockIdx.y == 0) {
-    c_sum = t == 0 ? c_sum : 0.f;
-    c_sum = warp_sum(c_sum);
-    if (lane == 0) sm.warp_part()[warp] = c_sum;
+    c_sum = warp_sum(t == 0 ? c_sum : 0.f);
+    b_sum = warp_sum(t == 0 ? b_sum : 0.f);
+    if (lane == 0) {
+      sm.warp_part()[warp] = c_sum;
+      sm.warp_part()[Traits::kWarps + warp] = b_sum;
+    }
     __syncthreads();
     if (threadIdx.x == 0) {
-      float total = 0.f;
-      for (int w = 0; w < Traits::kWarps; ++w) total += sm.warp_part()[w];
+      float total = 0.f, bias_total = 0.f;
+      for (int w = 0; w < Traits::kWarps; ++w) {
+        total += sm.warp_part()[w];
+        bias_total += sm.warp_part()[Traits::kWarps + w];
+      }
       p.dscale_partials[blockIdx.x] = total;
+      if constexpr (Traits::kSiglip) p.dbias_partials[blockIdx.x] = bias_total;
     }
   }
 }
 
-// dL/ds = sum of the partials / (2 s), one block, fixed order.
+// out = sum of the partials (/ (2 s) when halve_by_scale: InfoNCE's dL/ds), one block, fixed order.
 __global__ void __launch_bounds__(256) dscale_finalize_kernel(const float* partials, int64_t count, const float* scale,
-                                                              float* dscale) {
+                                                              bool halve_by_scale, float* out) {
   __shared__ float warp_totals[8];
   float acc = 0.f;
   for (int64_t i = threadIdx.x; i < count; i += 256) acc += partials[i];
@@ -602,7 +667,7 @@ __global__ void __launch_bounds__(256) dscale_finalize_kernel(const float* parti
   if (threadIdx.x == 0) {
     float total = 0.f;
     for (int w = 0; w < 8; ++w) total += warp_totals[w];
-    *dscale = total / (2.f * *scale);
+    *out = halve_by_scale ? total / (2.f * *scale) : total;
   }
 }
 

@@ -25,6 +25,10 @@ struct InfonceProblem {
   bool normalize = true;         // rows normalised inside (nt_xent always)
   const float* scale = nullptr;  // 0-d fp32 on the device: s = 1/temperature or logit_scale
   float* inv_norm = nullptr;     // workspace (2n) fp32: 1 / max(||x_R||, eps) (normalize only)
+  // SigLIP (first = x, second = y, cross = true, normalize = false): logits s x_i . y_j + b with
+  // the sigmoid loss instead of the softmax; bias is a 0-d fp32 device tensor.
+  bool siglip = false;
+  const float* bias = nullptr;
 };
 
 // Forward: per stacked row R, loss_R = log(1 + neg_R / pos_R) (>= 0), lse_R = S_pos + loss_R.
@@ -49,11 +53,17 @@ struct InfonceBwdParams : InfonceProblem {
   void* dx_second = nullptr;
   float* dscale = nullptr;
   float* dscale_partials = nullptr;
+  float* dbias = nullptr;           // SigLIP: dL/db (0-d fp32)
+  float* dbias_partials = nullptr;  // SigLIP: infonce_dscale_partials(n) floats
 };
 
 // Rows of each half per CTA (a CTA owns 32 rows of `first` and their 32 partners in `second`).
 constexpr int kInfonceHalfRows = 32;
 inline int64_t infonce_dscale_partials(int64_t n) { return (n + kInfonceHalfRows - 1) / kInfonceHalfRows; }
+
+// SigLIP forward: loss_first[i] = sum_j softplus(-z_ij (s x_i . y_j + b)), z = +1 on the diagonal
+// else -1. Backward: grad_first (n) per row, grad_second null; writes dx, dy, dscale, dbias.
+// Both run through infonce_forward / infonce_backward with siglip = true.
 
 // Enqueue on `stream`; return the launch status (cudaSuccess when all launches were accepted).
 cudaError_t infonce_forward(const InfonceFwdParams& params, cudaStream_t stream);

@@ -24,5 +24,8 @@ void check_byol_bwd(const at::Tensor& grad, const at::Tensor& p, const at::Tenso
 void check_sinkhorn(const at::Tensor& scores, double inv_eps, int64_t iterations);
 void check_sinkhorn_col_lse(const at::Tensor& scores, double inv_eps, const std::optional<at::Tensor>& f);
 void check_sinkhorn_assign(const at::Tensor& scores, double inv_eps, const at::Tensor& f);
+void check_siglip_fwd(const at::Tensor& x, const at::Tensor& y, const at::Tensor& scale, const at::Tensor& bias);
+void check_siglip_bwd(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& y, const at::Tensor& scale,
+                      const at::Tensor& bias);
 
 }  // namespace cl_fast

@@ -195,9 +195,13 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) byol_bwd_kernel(const __g
 #pragma unroll
   for (int t = 0; t < kPerLane; ++t) {
     const int d = lane + 32 * t;
-    if (d >= p.dim) continue;
-    store_elem(p.dp, p.dtype, i * p.dim + d, ap * y[t] + bp * x[t]);
-    if (p.dz != nullptr) store_elem(p.dz, p.dtype, i * p.dim + d, az * x[t] + bz * y[t]);
+    if (d < p.dim) store_elem(p.dp, p.dtype, i * p.dim + d, ap * y[t] + bp * x[t]);
+  }
+  if (p.dz == nullptr) return;
+#pragma unroll
+  for (int t = 0; t < kPerLane; ++t) {
+    const int d = lane + 32 * t;
+    if (d < p.dim) store_elem(p.dz, p.dtype, i * p.dim + d, az * x[t] + bz * y[t]);
   }
 }
 
