@@ -3,7 +3,8 @@
 Every kernel file (csrc/cuda/*.cu without a torch registration) is compiled with nvcc for sm_80
 and sm_90a with `-Xptxas -v`; a test fails on a compile error, on any register spill or local
 stack frame, or on static shared memory over 48 KB per block (the dynamic tiles are bounded by a
-static_assert in the source). The registration files (TORCH_LIBRARY_IMPL) are compiled too,
+static_assert in the source). Their sm_90a PTX must hold no atomics and no fences (the kernels
+are row-stationary and deterministic). The registration files (TORCH_LIBRARY_IMPL) are compiled too,
 compile-only, against this machine's torch headers.
 
 Compiles run in parallel (one process per core) and their results are cached under
@@ -98,6 +99,9 @@ def command(path: Path, arch: str, registration: bool) -> list[str]:
         # host code + torch headers; PTX only for the device pass (no kernels of its own)
         return [NVCC, *COMMON_FLAGS, *torch_include_flags(), f"-I{CUDA_DIR}",
                 "-gencode=arch=compute_90a,code=compute_90a", "-c", str(path), "-o", f"{out}.{path.stem}.{arch}"]
+    if arch == "ptx":
+        return [NVCC, *COMMON_FLAGS, "-gencode=arch=compute_90a,code=compute_90a", "-ptx", str(path), "-o",
+                f"{out}.{path.stem}.{arch}"]
     return [NVCC, *COMMON_FLAGS, ARCHES[arch], "-Xptxas", "-v", "-c", str(path), "-o", f"{out}.{path.stem}.{arch}"]
 
 
@@ -126,6 +130,10 @@ def compile_one(path: Path, arch: str, version: str) -> dict:
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     result = {"file": path.name, "arch": arch, "returncode": proc.returncode, "log": proc.stdout + proc.stderr,
               "registration": registration}
+    if arch == "ptx" and proc.returncode == 0:  # keep only what the test asks of the PTX
+        ptx = Path(cmd[-1]).read_text()
+        result["atomics"] = re.findall(r"^\s*(?:@%p\d+\s+)?((?:atom|red)\.\S+)", ptx, flags=re.M)
+        result["fences"] = re.findall(r"^\s*((?:membar|fence)\.\S+)", ptx, flags=re.M)
     Path(f"{cache_dir() / 'obj.o'}.{path.stem}.{arch}").unlink(missing_ok=True)
     if proc.returncode == 0:  # failures are recompiled next time (they may be environmental)
         cached.write_text(json.dumps(result))
@@ -137,7 +145,7 @@ def jobs() -> list[tuple[Path, str]]:
     out = [(registrations_unit(), "registrations")] if any(map(is_registration, cu_files())) else []
     for path in cu_files():
         if not is_registration(path):
-            out.extend((path, arch) for arch in ARCHES)
+            out.extend((path, arch) for arch in [*ARCHES, "ptx"])
     return out
 
 
@@ -203,6 +211,15 @@ def test_kernels_compile_without_spills(name, arch):
     assert not big, "static shared memory over 48 KB:\n" + "\n".join(map(str, big))
 
 
+@pytest.mark.parametrize("name", KERNEL_FILES)
+def test_kernels_have_no_atomics_or_fences(name):
+    """Row-stationary and deterministic: no atomic (atom./red.) and no memory fence in any kernel's PTX."""
+    result = all_results()[(name, "ptx")]
+    assert result["returncode"] == 0, f"nvcc -ptx failed for {name}:\n{result['log'][-4000:]}"
+    assert not result["atomics"], f"atomics in {name}: {sorted(set(result['atomics']))}"
+    assert not result["fences"], f"fences in {name}: {sorted(set(result['fences']))}"
+
+
 def test_registrations_compile():
     """The torch registration files (csrc/cuda/<family>.cu), compile-only, against this torch."""
     pytest.importorskip("torch")
@@ -222,7 +239,7 @@ def table() -> str:
     rows = ["| file | arch | kernel | registers | stack (B) | spill stores / loads (B) | static smem (B) |",
             "|---|---|---|---|---|---|---|"]
     for (name, arch), result in sorted(all_results().items()):
-        if result["registration"]:
+        if result["registration"] or arch == "ptx":
             continue
         for k in ptxas_report(result["log"]):
             rows.append(f"| {name} | {k['arch']} | `{k['kernel']}` | {k['registers']} | {k['stack']} | "
