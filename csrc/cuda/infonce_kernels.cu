@@ -2,6 +2,8 @@
 // (dtype, nt_xent | cross), dynamic shared memory raised past 48 KB where needed.
 #include "infonce_kernels.cuh"
 
+#include <atomic>
+
 namespace cl_fast::cuda {
 namespace {
 
@@ -28,10 +30,20 @@ cudaError_t launch_inv_norm(const InfonceProblem& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+// Raises the kernel's dynamic shared-memory limit past the default 48 KB, once per device
+// (`done` is the kernel's bitmask of devices already set; the call is not a stream operation, so
+// later launches, CUDA-graph capture included, make no driver call for it).
 template <typename Kernel>
-cudaError_t allow_smem(Kernel kernel, size_t bytes) {
+cudaError_t allow_smem(Kernel kernel, size_t bytes, std::atomic<unsigned long long>& done) {
   if (bytes <= 48 * 1024) return cudaSuccess;
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+  int device = 0;
+  cudaError_t status = cudaGetDevice(&device);
+  if (status != cudaSuccess) return status;
+  const unsigned long long bit = device < 64 ? 1ull << device : 0ull;
+  if (bit != 0 && (done.load(std::memory_order_acquire) & bit) != 0) return cudaSuccess;
+  status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+  if (status == cudaSuccess) done.fetch_or(bit, std::memory_order_release);
+  return status;
 }
 
 template <typename Element, bool kCross, bool kSiglip>
@@ -39,7 +51,8 @@ cudaError_t forward_impl(const InfonceFwdParams& p, cudaStream_t stream) {
   using Traits = InfonceTraits<Element, kCross, kSiglip>;
   const size_t smem = Traits::fwd_smem_bytes();
   auto kernel = infonce_fwd_kernel<Traits>;
-  cudaError_t status = allow_smem(kernel, smem);
+  static std::atomic<unsigned long long> smem_set{0};
+  cudaError_t status = allow_smem(kernel, smem, smem_set);
   if (status != cudaSuccess) return status;
   const dim3 grid(static_cast<unsigned>(infonce_dscale_partials(p.n)));
   kernel<<<grid, Traits::kThreads, smem, stream>>>(p);
@@ -51,7 +64,8 @@ cudaError_t backward_impl(const InfonceBwdParams& p, cudaStream_t stream) {
   using Traits = InfonceTraits<Element, kCross, kSiglip>;
   const size_t smem = Traits::bwd_smem_bytes();
   auto kernel = infonce_bwd_kernel<Traits>;
-  cudaError_t status = allow_smem(kernel, smem);
+  static std::atomic<unsigned long long> smem_set{0};
+  cudaError_t status = allow_smem(kernel, smem, smem_set);
   if (status != cudaSuccess) return status;
   const int64_t blocks = infonce_dscale_partials(p.n);
   const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>((p.dim + Traits::kSlice - 1) / Traits::kSlice));
