@@ -149,7 +149,8 @@ def test_repeated_calls_are_bit_identical(gen, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("n,d,size", [(5, 16, 7), (64, 128, 1000), (33, 200, 4099)])
+# d = 1500: rows past a warp's registers take the streamed kernels
+@pytest.mark.parametrize("n,d,size", [(5, 16, 7), (64, 128, 1000), (33, 200, 4099), (9, 1500, 300)])
 def test_moco_loss(gen, n, d, size, dtype):
     (q, rq), (k, rk) = _inputs(gen, (n, d), (n, d), dtype=dtype)
     queue = torch.nn.functional.normalize(torch.randn(size, d, generator=gen, dtype=torch.float64), dim=1)
@@ -160,8 +161,9 @@ def test_moco_loss(gen, n, d, size, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("start", [0, 5, 11])
-def test_queue_update_wraps_and_moves_ptr_on_device(gen, dtype, start):
-    size, d = 13, 40
+@pytest.mark.parametrize("d", [40, 1100])
+def test_queue_update_wraps_and_moves_ptr_on_device(gen, dtype, start, d):
+    size = 13
     queue = torch.randn(size, d, generator=gen).to(DEV, dtype)
     keys = torch.randn(6, d, generator=gen).to(DEV, dtype)
     expected = queue.detach().cpu().double().clone()
@@ -173,7 +175,7 @@ def test_queue_update_wraps_and_moves_ptr_on_device(gen, dtype, start):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("n,d", [(1, 3), (37, 77), (129, 1000)])
+@pytest.mark.parametrize("n,d", [(1, 3), (37, 77), (129, 1000), (7, 1500)])
 def test_byol_loss(gen, n, d, dtype):
     (p, rp), (z, rz) = _inputs(gen, (n, d), (n, d), dtype=dtype)
     loss = cl_fast.byol_loss(p, z, reduction="none", backend="cuda")

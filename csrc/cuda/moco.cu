@@ -9,14 +9,16 @@
 namespace cl_fast::cuda {
 namespace {
 
-// Enough (row block, split) warps to fill the device twice over, never an empty split.
-int choose_splits(int64_t n, int64_t queue_rows, int64_t requested, int device) {
-  if (requested > 0) return static_cast<int>(std::min<int64_t>(requested, queue_rows));
+// Enough (row, split) warps to fill the device twice over, at least 64 queue rows per split, and
+// (with need_grad) the fp32 partial sums O (splits x n x dim) within 64 MB.
+int choose_splits(int64_t n, int64_t dim, int64_t queue_rows, bool need_grad, int64_t requested, int device) {
+  if (requested > 0) return static_cast<int>(std::min<int64_t>({requested, queue_rows, 65535}));
   int sms = 0;
   if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) sms = 132;
   const int64_t want_warps = int64_t{64} * sms;  // 2 x 32 warps per SM
-  const int64_t splits = (want_warps + n - 1) / n;
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({splits, (queue_rows + 63) / 64, 4096})));
+  int64_t splits = std::min<int64_t>({(want_warps + n - 1) / n, (queue_rows + 63) / 64, 4096});
+  if (need_grad) splits = std::min<int64_t>(splits, (int64_t{16} << 20) / std::max<int64_t>(n * dim, 1));
+  return static_cast<int>(std::max<int64_t>(1, splits));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> moco_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
@@ -27,7 +29,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moco_fwd_cuda(const at::Tensor& q
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), queue = queue_in.contiguous();
   const int64_t n = q.size(0), dim = q.size(1), queue_rows = queue.size(0);
-  TORCH_CHECK_VALUE(dim <= kRowwiseMaxDim, "moco_loss: the CUDA kernel takes D <= ", kRowwiseMaxDim, ", got D=", dim);
   const auto f32 = q.options().dtype(at::kFloat);
   MocoParams p;
   p.q = q.data_ptr();
@@ -40,7 +41,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moco_fwd_cuda(const at::Tensor& q
   p.dim = static_cast<int>(dim);
   p.scale = scale_ptr(scale);
   p.need_grad = need_grad;
-  p.splits = choose_splits(std::max<int64_t>(n, 1), queue_rows, splits, q.get_device());
+  p.splits = choose_splits(std::max<int64_t>(n, 1), dim, queue_rows, need_grad, splits, q.get_device());
   at::Tensor part_m = at::empty({p.splits, n}, f32), part_l = at::empty({p.splits, n}, f32);
   at::Tensor part_o = at::empty({need_grad ? p.splits : 0, n, dim}, f32);
   at::Tensor loss = at::empty({n}, f32);
@@ -65,8 +66,6 @@ void moco_queue_update_cuda(at::Tensor& queue, const at::Tensor& keys_in, at::Te
   TORCH_CHECK_VALUE(queue.is_contiguous(), "queue must be contiguous (it is updated in place)");
   const c10::cuda::CUDAGuard guard(queue.device());
   const at::Tensor keys = keys_in.contiguous();
-  TORCH_CHECK_VALUE(keys.size(1) <= kRowwiseMaxDim, "queue_update_: the CUDA kernel takes D <= ", kRowwiseMaxDim,
-                    ", got D=", keys.size(1));
   QueueUpdateParams p;
   p.queue = queue.data_ptr();
   p.queue_dtype = dtype_of(queue);

@@ -1,6 +1,7 @@
 // Warp-per-row CUDA kernels: MoCo forward (split over the queue, merged per row), the MoCo
 // enqueue, BYOL forward/backward, and the passes of SwAV's log-domain Sinkhorn. CUDA cores
-// only; each launch is deterministic (fixed reduction orders, no atomics).
+// only; each launch is deterministic (fixed reduction orders, no atomics). Rows up to
+// kRowwiseMaxDim features live in registers; longer rows take the *_any kernels (streamed).
 #include "rowwise.cuh"
 #include "rowwise_kernels.h"
 
@@ -205,6 +206,164 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) byol_bwd_kernel(const __g
   }
 }
 
+// ---- rows longer than a warp's registers (D > kRowwiseMaxDim) -----------------------------------
+// The same math with the row streamed from memory (L1/L2) on every pass; each lane reads and
+// writes only its own features d = lane, lane + 32, ..., so the scratch rows need no barrier.
+
+// ||row|| without overflow: max |x| first, then the scaled sum of squares; NaN rows NaN.
+__device__ __forceinline__ float warp_norm_any(const void* base, Dtype dtype, int64_t row, int dim, int lane) {
+  float amax = 0.f;
+  bool nan = false;
+  for (int d = lane; d < dim; d += 32) {
+    const float v = load_elem(base, dtype, row * dim + d);
+    amax = fmaxf(amax, fabsf(v));
+    nan = nan || isnan(v);
+  }
+  amax = warp_max(amax);
+  if (__any_sync(0xffffffffu, nan)) return NAN;
+  if (amax == 0.f || isinf(amax)) return amax;
+  const float inv = 1.f / amax;
+  float acc = 0.f;
+  for (int d = lane; d < dim; d += 32) {
+    const float v = load_elem(base, dtype, row * dim + d) * inv;
+    acc = fmaf(v, v, acc);
+  }
+  return amax * sqrtf(warp_sum(acc));
+}
+
+__device__ __forceinline__ float warp_dot_any(const void* a, Dtype a_dtype, int64_t a_row, const void* b,
+                                              Dtype b_dtype, int64_t b_row, int dim, int lane) {
+  float acc = 0.f;
+  for (int d = lane; d < dim; d += 32) {
+    acc = fmaf(load_elem(a, a_dtype, a_row * dim + d), load_elem(b, b_dtype, b_row * dim + d), acc);
+  }
+  return warp_sum(acc);
+}
+
+// moco_partial_kernel with O kept in its part_o slot (read-modify-write by the owning lane).
+__global__ void __launch_bounds__(kWarpsPerBlock * 32, 1) moco_partial_any_kernel(const __grid_constant__ MocoParams p) {
+  const int lane = threadIdx.x & 31;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
+  if (i >= p.n) return;
+  const int split = blockIdx.y;
+  const int64_t per_split = (p.queue_rows + p.splits - 1) / p.splits;
+  const int64_t j_lo = split * per_split;
+  const int64_t j_hi = j_lo + per_split < p.queue_rows ? j_lo + per_split : p.queue_rows;
+  const float su = *p.scale * inv_clamped(warp_norm_any(p.q, p.dtype, i, p.dim, lane));
+  const int64_t slot = static_cast<int64_t>(split) * p.n + i;
+  float* o = p.need_grad ? p.part_o + slot * p.dim : nullptr;
+  if (o != nullptr) {
+    for (int d = lane; d < p.dim; d += 32) o[d] = 0.f;
+  }
+  float m = kMaxFloor, l = 0.f;
+  for (int64_t j = j_lo; j < j_hi; ++j) {
+    const float logit = su * warp_dot_any(p.q, p.dtype, i, p.queue, p.queue_dtype, j, p.dim, lane);
+    float keep = 1.f, weight;
+    if (logit > m) {
+      keep = __expf(m - logit);
+      weight = 1.f;
+      m = logit;
+    } else {
+      weight = __expf(logit - m);
+    }
+    l = l * keep + weight;
+    if (o != nullptr) {
+      for (int d = lane; d < p.dim; d += 32) {
+        o[d] = fmaf(o[d], keep, weight * load_elem(p.queue, p.queue_dtype, j * p.dim + d));
+      }
+    }
+  }
+  if (lane == 0) {
+    p.part_m[slot] = m;
+    p.part_l[slot] = l;
+  }
+}
+
+// moco_merge_kernel with d formed in e's row (the scratch), then projected in place.
+__global__ void __launch_bounds__(kWarpsPerBlock * 32, 1) moco_merge_any_kernel(const __grid_constant__ MocoParams p) {
+  const int lane = threadIdx.x & 31;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
+  if (i >= p.n) return;
+  const float r = inv_clamped(warp_norm_any(p.q, p.dtype, i, p.dim, lane));
+  const float rv = inv_clamped(warp_norm_any(p.k, p.dtype, i, p.dim, lane));
+  const float s = *p.scale;
+  const float l0 = s * (warp_dot_any(p.q, p.dtype, i, p.k, p.dtype, i, p.dim, lane) * r * rv);
+  float m_neg = kMaxFloor;
+  for (int sp = 0; sp < p.splits; ++sp) m_neg = fmaxf(m_neg, p.part_m[static_cast<int64_t>(sp) * p.n + i]);
+  const float m = fmaxf(l0, m_neg);
+  float l_neg = 0.f;
+  for (int sp = 0; sp < p.splits; ++sp) {
+    const int64_t slot = static_cast<int64_t>(sp) * p.n + i;
+    l_neg += p.part_l[slot] * __expf(p.part_m[slot] - m);
+  }
+  const float total = __expf(l0 - m) + l_neg;
+  if (lane == 0) p.loss[i] = l0 >= m_neg ? log1pf(l_neg) : (m - l0) + logf(total);
+  if (!p.need_grad) return;
+  float* e = p.e + i * p.dim;
+  const float pos_coef = -l_neg / total;
+  for (int d = lane; d < p.dim; d += 32) e[d] = pos_coef * rv * load_elem(p.k, p.dtype, i * p.dim + d);
+  for (int sp = 0; sp < p.splits; ++sp) {
+    const int64_t slot = static_cast<int64_t>(sp) * p.n + i;
+    const float weight = __expf(p.part_m[slot] - m) / total;
+    for (int d = lane; d < p.dim; d += 32) e[d] = fmaf(weight, p.part_o[slot * p.dim + d], e[d]);
+  }
+  float acc = 0.f;
+  for (int d = lane; d < p.dim; d += 32) acc = fmaf(r * load_elem(p.q, p.dtype, i * p.dim + d), e[d], acc);
+  const float ci = warp_sum(acc);
+  const bool project = r < 1.f / kNormEps;
+  for (int d = lane; d < p.dim; d += 32) {
+    const float u = r * load_elem(p.q, p.dtype, i * p.dim + d);
+    e[d] = project ? r * (e[d] - u * ci) : r * e[d];
+  }
+  if (lane == 0) p.c[i] = ci;
+}
+
+__global__ void __launch_bounds__(kWarpsPerBlock * 32, 1) queue_write_any_kernel(const __grid_constant__ QueueUpdateParams p) {
+  const int lane = threadIdx.x & 31;
+  const int64_t b = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
+  if (b >= p.batch) return;
+  const int64_t raw = p.ptr_is_int64 ? *static_cast<const int64_t*>(p.ptr) : *static_cast<const int32_t*>(p.ptr);
+  const int64_t row = (((raw % p.queue_rows) + p.queue_rows) % p.queue_rows + b) % p.queue_rows;
+  const float r = inv_clamped(warp_norm_any(p.keys, p.keys_dtype, b, p.dim, lane));
+  for (int d = lane; d < p.dim; d += 32) {
+    store_elem(p.queue, p.queue_dtype, row * p.dim + d, load_elem(p.keys, p.keys_dtype, b * p.dim + d) * r);
+  }
+}
+
+__global__ void __launch_bounds__(kWarpsPerBlock * 32, 1) byol_fwd_any_kernel(const __grid_constant__ ByolParams p) {
+  const int lane = threadIdx.x & 31;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
+  if (i >= p.n) return;
+  const float np = warp_norm_any(p.p, p.dtype, i, p.dim, lane), nz = warp_norm_any(p.z, p.dtype, i, p.dim, lane);
+  const float rp = inv_clamped(np), rz = inv_clamped(nz);
+  float acc = 0.f;  // cos = sum (r_p p_d)(r_z z_d): normalised factors, no overflow
+  for (int d = lane; d < p.dim; d += 32) {
+    acc = fmaf(rp * load_elem(p.p, p.dtype, i * p.dim + d), rz * load_elem(p.z, p.dtype, i * p.dim + d), acc);
+  }
+  const float cos = warp_sum(acc);
+  if (lane == 0) {
+    p.loss[i] = 2.f - 2.f * cos;
+    p.stats[3 * i] = np;
+    p.stats[3 * i + 1] = nz;
+    p.stats[3 * i + 2] = cos;
+  }
+}
+
+__global__ void __launch_bounds__(kWarpsPerBlock * 32, 1) byol_bwd_any_kernel(const __grid_constant__ ByolParams p) {
+  const int lane = threadIdx.x & 31;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
+  if (i >= p.n) return;
+  const float np = p.stats[3 * i], nz = p.stats[3 * i + 1], cos = p.stats[3 * i + 2], g = p.grad[i];
+  const float rp = inv_clamped(np), rz = inv_clamped(nz);
+  const float ap = -2.f * g * rp * rz, bp = np > kNormEps ? 2.f * g * rp * cos * rp : 0.f;
+  const float az = -2.f * g * rz * rp, bz = nz > kNormEps ? 2.f * g * rz * cos * rz : 0.f;
+  for (int d = lane; d < p.dim; d += 32) {
+    const float x = load_elem(p.p, p.dtype, i * p.dim + d), y = load_elem(p.z, p.dtype, i * p.dim + d);
+    store_elem(p.dp, p.dtype, i * p.dim + d, ap * y + bp * x);
+    if (p.dz != nullptr) store_elem(p.dz, p.dtype, i * p.dim + d, az * x + bz * y);
+  }
+}
+
 // ---- Sinkhorn -----------------------------------------------------------------------------------
 // x = score * inv_eps rounded to fp32 before f or g is added (no fma): f was computed from the
 // rounded x, and x + f must cancel exactly where it should.
@@ -304,7 +463,11 @@ cudaError_t moco_forward(const MocoParams& p, cudaStream_t stream) {
     moco_partial_kernel<kPerLane><<<partial_grid, kWarpsPerBlock * 32, 0, stream>>>(p);
     moco_merge_kernel<kPerLane><<<row_blocks(p.n), kWarpsPerBlock * 32, 0, stream>>>(p);
   });
-  return ok ? cudaGetLastError() : cudaErrorInvalidValue;
+  if (!ok) {
+    moco_partial_any_kernel<<<partial_grid, kWarpsPerBlock * 32, 0, stream>>>(p);
+    moco_merge_any_kernel<<<row_blocks(p.n), kWarpsPerBlock * 32, 0, stream>>>(p);
+  }
+  return cudaGetLastError();
 }
 
 cudaError_t moco_queue_update(const QueueUpdateParams& p, cudaStream_t stream) {
@@ -313,7 +476,7 @@ cudaError_t moco_queue_update(const QueueUpdateParams& p, cudaStream_t stream) {
     constexpr int kPerLane = decltype(lanes)::value;
     queue_write_kernel<kPerLane><<<row_blocks(p.batch), kWarpsPerBlock * 32, 0, stream>>>(p);
   });
-  if (!ok) return cudaErrorInvalidValue;
+  if (!ok) queue_write_any_kernel<<<row_blocks(p.batch), kWarpsPerBlock * 32, 0, stream>>>(p);
   queue_advance_kernel<<<1, 32, 0, stream>>>(p);
   return cudaGetLastError();
 }
@@ -323,7 +486,8 @@ cudaError_t byol_forward(const ByolParams& p, cudaStream_t stream) {
   const bool ok = with_lanes(p.dim, [&](auto lanes) {
     byol_fwd_kernel<decltype(lanes)::value><<<row_blocks(p.n), kWarpsPerBlock * 32, 0, stream>>>(p);
   });
-  return ok ? cudaGetLastError() : cudaErrorInvalidValue;
+  if (!ok) byol_fwd_any_kernel<<<row_blocks(p.n), kWarpsPerBlock * 32, 0, stream>>>(p);
+  return cudaGetLastError();
 }
 
 cudaError_t byol_backward(const ByolParams& p, cudaStream_t stream) {
@@ -331,7 +495,8 @@ cudaError_t byol_backward(const ByolParams& p, cudaStream_t stream) {
   const bool ok = with_lanes(p.dim, [&](auto lanes) {
     byol_bwd_kernel<decltype(lanes)::value><<<row_blocks(p.n), kWarpsPerBlock * 32, 0, stream>>>(p);
   });
-  return ok ? cudaGetLastError() : cudaErrorInvalidValue;
+  if (!ok) byol_bwd_any_kernel<<<row_blocks(p.n), kWarpsPerBlock * 32, 0, stream>>>(p);
+  return cudaGetLastError();
 }
 
 cudaError_t sinkhorn_row_lse(const SinkhornParams& p, const float* f, float* g, cudaStream_t stream) {

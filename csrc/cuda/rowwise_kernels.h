@@ -10,7 +10,7 @@
 
 namespace cl_fast::cuda {
 
-constexpr int kRowwiseMaxDim = 1024;  // a row lives in one warp's registers
+constexpr int kRowwiseMaxDim = 1024;  // rows up to this live in one warp's registers (longer: streamed)
 
 // MoCo, SPEC moco_loss: u = n(q), v = n(k), w_j = queue_j as stored, logits s u.v, s u.w_j.
 // Outputs (fp32): loss (n), and when need_grad e (n, dim), c (n) with
