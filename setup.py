@@ -38,7 +38,7 @@ def _cuda_arch_list():
 
 
 def _extension():
-    sources = ["csrc/bindings.cpp"] + _sources("csrc/cpu/*.cpp")
+    sources = ["csrc/ops.cpp"] + _sources("csrc/cpu/*.cpp")  # schemas + checks, then the CPU kernels
     cxx = ["-O3", "-std=c++17", "-fopenmp", "-march=native" if os.environ.get("CL_FAST_NATIVE") == "1" else "-mavx2", "-mfma"]
     if _with_cuda():
         # CUDA kernels: csrc/cuda/*.cu (kernels with hand-written mma.sync / cp.async PTX, no CUTLASS

@@ -95,23 +95,49 @@ def test_info_nce(gen, n, d, dtype, symmetric, temperature):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n,d", SHAPES)
-@pytest.mark.parametrize("normalize", [True, False])
-def test_clip_loss(gen, n, d, dtype, normalize):
+def test_clip_loss(gen, n, d, dtype):
     (img, ri), (txt, rt) = _inputs(gen, (n, d), (n, d), dtype=dtype)
-    if not normalize:  # features as given: unit-ish rows as a model would give, logits not bounded by s
-        with torch.no_grad():
-            img.mul_(0.3)
-            txt.mul_(0.3)
-        ri, rt = (x.detach().cpu().double().requires_grad_(True) for x in (img, txt))
     scale = torch.tensor(14.0, device=DEV, requires_grad=True)
     scale_ref = torch.tensor(14.0, dtype=torch.float64, requires_grad=True)
-    loss = cl_fast.clip_loss(img, txt, scale, normalize=normalize, backend="cuda")
-    expected = reference.clip_loss(ri, rt, scale_ref, normalize=normalize)
+    loss = cl_fast.clip_loss(img, txt, scale, normalize=True, backend="cuda")
+    expected = reference.clip_loss(ri, rt, scale_ref, normalize=True)
     assert rel_err(loss, expected) < RTOL[dtype]
     loss.backward()
     expected.backward()
     for fused, ref in [(img, ri), (txt, rt), (scale, scale_ref)]:
         assert rel_err(fused.grad, ref.grad) < RTOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n,d", SHAPES)
+@pytest.mark.parametrize("both", [True, False])
+def test_cross_ops_features_as_given(gen, n, d, dtype, both):
+    """cross_fwd / cross_bwd with normalize=False (OpenCLIP: logits s q.k, not bounded by s, the
+    running-max path) against autograd of the float64 per-row cross-entropies."""
+    q = (torch.randn(n, d, generator=gen, dtype=torch.float64) * 0.3).to(DEV, dtype)
+    k = (torch.randn(n, d, generator=gen, dtype=torch.float64) * 0.3).to(DEV, dtype)
+    rq, rk = (t.cpu().double().requires_grad_(True) for t in (q, k))
+    rs = torch.tensor(14.0, dtype=torch.float64, requires_grad=True)
+    logits = rs * rq @ rk.T
+    labels = torch.arange(n)
+    ce = torch.nn.functional.cross_entropy
+    exp_row, exp_col = ce(logits, labels, reduction="none"), ce(logits.T, labels, reduction="none")
+    scale = torch.tensor(14.0, device=DEV)
+    row_loss, col_loss, row_lse, col_lse = torch.ops.cl_fast_C.cross_fwd(q, k, scale, both, False)
+    assert rel_err(row_loss, exp_row) < RTOL[dtype]
+    assert (row_loss >= 0).all()
+    if both:
+        assert rel_err(col_loss, exp_col) < RTOL[dtype]
+    else:
+        assert col_loss.numel() == 0
+    g_row = torch.rand(n, generator=gen, dtype=torch.float64)
+    g_col = torch.rand(n, generator=gen, dtype=torch.float64) if both else torch.zeros(n, dtype=torch.float64)
+    ((exp_row * g_row).sum() + (exp_col * g_col).sum()).backward()
+    dq, dk, dscale = torch.ops.cl_fast_C.cross_bwd(
+        g_row.to(DEV, torch.float32), g_col.to(DEV, torch.float32) if both else torch.empty(0, device=DEV),
+        q, k, scale, row_lse, col_lse, both, False)
+    for fused, ref in [(dq, rq.grad), (dk, rk.grad), (dscale, rs.grad)]:
+        assert rel_err(fused, ref) < RTOL[dtype]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -310,7 +336,10 @@ SANITIZER_SCRIPT = textwrap.dedent("""
             cl_fast.info_nce(z1, z2, T, symmetric=True, backend="cuda").backward()
             cl_fast.info_nce(z1, z2, T, backend="cuda").backward()
         scale = torch.tensor(3.0, device=dev, requires_grad=True)
-        cl_fast.clip_loss(z1, z2, scale, normalize=False, backend="cuda").backward()
+        ops = torch.ops.cl_fast_C
+        _, _, row_lse, col_lse = ops.cross_fwd(z1.detach(), z2.detach(), scale.detach(), True, False)
+        g = torch.rand(37, device=dev)
+        ops.cross_bwd(g, g, z1.detach(), z2.detach(), scale.detach(), row_lse, col_lse, True, False)
         cl_fast.clip_loss(torch.randn(5, 300, device=dev, dtype=dtype), torch.randn(5, 300, device=dev, dtype=dtype),
                           scale, backend="cuda").backward()
         queue = torch.randn(50, 77, device=dev, dtype=dtype)

@@ -8,11 +8,7 @@
 
 #include <cuda_runtime.h>
 
-#if __has_include("../ops.h")
 #include "../ops.h"
-#else
-#include "ops_stub.h"
-#endif
 
 #include "infonce_kernels.h"
 #include "rowwise_kernels.h"

@@ -1,9 +1,14 @@
 #pragma once
-// Declarations of the op input checks that csrc/ops.h provides (PLAN.md: one check_<op> per op,
-// taking exactly the op's arguments, defined in csrc/ops.cpp). Used only while csrc/ops.h is
-// absent from the tree (the registration files include ops.h when it exists).
-#include <ATen/ATen.h>
+// The cl_fast_C op layer (csrc/ops.cpp): one input check per op, taking exactly the op's
+// arguments (schemas in ops.cpp). Every device implementation (csrc/cpu/<family>.cpp,
+// csrc/cuda/<family>.cu) calls its op's check first, then its kernels.
+//
+// The checks raise ValueError (shapes, values, devices) or TypeError (dtypes) naming the argument.
+// `scale` (and siglip's `bias`) is a 0-d fp32 tensor on the inputs' device; its value is read
+// (finite, > 0) only where it is a CPU tensor: a CUDA scale is never copied to the host (no sync).
+#include <ATen/core/Tensor.h>
 
+#include <cstdint>
 #include <optional>
 
 namespace cl_fast {
@@ -27,5 +32,9 @@ void check_sinkhorn_assign(const at::Tensor& scores, double inv_eps, const at::T
 void check_siglip_fwd(const at::Tensor& x, const at::Tensor& y, const at::Tensor& scale, const at::Tensor& bias);
 void check_siglip_bwd(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& y, const at::Tensor& scale,
                       const at::Tensor& bias);
+
+// The value of a checked 0-d fp32 CPU tensor (scale, bias): for the CPU kernels, which take it
+// as a number. A host read of host memory: no device synchronisation.
+float cpu_scalar(const at::Tensor& t);
 
 }  // namespace cl_fast
