@@ -22,8 +22,9 @@ void fill_problem(InfonceProblem& p, const at::Tensor& first, const at::Tensor& 
   p.cross = cross;
   p.normalize = normalize;
   p.scale = scale_ptr(scale);
-  inv_norm_workspace = at::empty({normalize ? 2 * p.n : 0}, fp32(first));
+  inv_norm_workspace = at::empty({normalize ? 4 * p.n : 0}, fp32(first));  // inv_norm, row_factor
   p.inv_norm = normalize ? inv_norm_workspace.data_ptr<float>() : nullptr;
+  p.row_factor = normalize ? p.inv_norm + 2 * p.n : nullptr;
 }
 
 std::tuple<at::Tensor, at::Tensor> ntxent_fwd_cuda(const at::Tensor& z1_in, const at::Tensor& z2_in,

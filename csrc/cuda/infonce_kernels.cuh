@@ -70,11 +70,12 @@ struct InfonceTraits {
 
   static constexpr int kChunkElems = kRows * kChunkStride;
   static constexpr size_t fwd_smem_bytes() {
-    return sizeof(Element) * (2 * kChunkElems + 2 * kTiles * kChunkElems) + sizeof(float) * kTiles * kCols;
+    return sizeof(Element) * (2 * kChunkElems + 2 * kTiles * kChunkElems) +
+           sizeof(float) * (2 * kTiles * kCols + kRows);
   }
   static constexpr size_t bwd_smem_bytes() {
     return sizeof(Element) * (2 * kChunkElems + 2 * kTiles * kChunkElems + kTiles * kCols * kSliceStride) +
-           sizeof(float) * (4 * kTiles * kCols + kRows + 2 * kWarps);
+           sizeof(float) * (5 * kTiles * kCols + 2 * kRows + 2 * kWarps);
   }
 };
 
@@ -181,7 +182,9 @@ template <typename Traits>
 struct InfonceSmem {
   using Element = typename Traits::Element;
   Element* elements;  // a_chunk[2], b_chunk[2][kTiles], v_slice[kTiles] (backward)
-  float* floats;      // col_r, col_g, col_lse, col_a ([kTiles][kCols] each), row_gneg[kRows], warp_part[2 * kWarps]
+  // col_r, col_f ([kTiles][kCols] each), row_f[kRows]; backward only: col_g, col_lse, col_a
+  // ([kTiles][kCols] each), row_gneg[kRows], warp_part[2 * kWarps]
+  float* floats;
 
   __device__ InfonceSmem(unsigned char* raw, bool backward) : elements(reinterpret_cast<Element*>(raw)) {
     const int count = (2 + 2 * Traits::kTiles) * Traits::kChunkElems +
@@ -199,10 +202,12 @@ struct InfonceSmem {
     return elements + (2 + 2 * Traits::kTiles) * Traits::kChunkElems + tile * Traits::kCols * Traits::kSliceStride;
   }
   __device__ float* col_r() const { return floats; }
-  __device__ float* col_g() const { return floats + Traits::kTiles * Traits::kCols; }
-  __device__ float* col_lse() const { return floats + 2 * Traits::kTiles * Traits::kCols; }
-  __device__ float* col_a() const { return floats + 3 * Traits::kTiles * Traits::kCols; }
-  __device__ float* row_gneg() const { return floats + 4 * Traits::kTiles * Traits::kCols; }
+  __device__ float* col_f() const { return floats + Traits::kTiles * Traits::kCols; }  // row factors f_C
+  __device__ float* row_f() const { return floats + 2 * Traits::kTiles * Traits::kCols; }  // f_R of the CTA's rows
+  __device__ float* col_g() const { return row_f() + Traits::kRows; }
+  __device__ float* col_lse() const { return col_g() + Traits::kTiles * Traits::kCols; }
+  __device__ float* col_a() const { return col_g() + 2 * Traits::kTiles * Traits::kCols; }
+  __device__ float* row_gneg() const { return col_g() + 3 * Traits::kTiles * Traits::kCols; }
   __device__ float* warp_part() const { return row_gneg() + Traits::kRows; }
 };
 
@@ -228,11 +233,28 @@ __device__ __forceinline__ void load_score_chunk(const InfonceProblem& p, const 
   }
 }
 
+// Multiplies the features of kRowsTile rows (row stride `stride`, kWidth features) in shared memory
+// by their row's power-of-two factor (exact: the scaled rows' max |x| is in [2, 4)). Only reached
+// when a row of the tile has f != 1 (max |x| >= 2^40), which fp16 inputs (max 65504) never have.
+template <typename Traits, int kRowsTile, int kWidth>
+__device__ __forceinline__ void scale_rows(typename Traits::Element* tile, int stride, const float* factor) {
+  using Element = typename Traits::Element;
+  if constexpr (!std::is_same_v<Element, __half>) {
+#pragma unroll 1
+    for (int id = threadIdx.x; id < kRowsTile * kWidth; id += Traits::kThreads) {
+      const int row = id / kWidth, col = id % kWidth;
+      Element& x = tile[row * stride + col];
+      x = from_float<Element>(to_float(x) * factor[row]);
+    }
+  }
+}
+
 // The S tile of this warp for column tile j0 (raw dot products x_R . x_C, fp32), streaming D in
 // chunks through the double-buffered a_chunk / b_chunk. Every thread of the CTA must call it.
 template <typename Traits>
 __device__ __forceinline__ void score_tile(float (&acc)[Traits::kColTiles8][4], const InfonceProblem& p,
-                                           InfonceSmem<Traits>& sm, int64_t j0, bool vector, int warp, int lane) {
+                                           InfonceSmem<Traits>& sm, int64_t j0, bool vector, bool rescale, int warp,
+                                           int lane) {
 #pragma unroll
   for (int nt = 0; nt < Traits::kColTiles8; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
   const int chunks = (p.dim + Traits::kChunk - 1) / Traits::kChunk;
@@ -244,13 +266,27 @@ __device__ __forceinline__ void score_tile(float (&acc)[Traits::kColTiles8][4], 
     cp_async_commit();  // (possibly empty) group of chunk kc + 1
     cp_async_wait<1>();  // chunk kc and everything issued before it have landed
     __syncthreads();
+    if (rescale) {  // CTA-uniform: some row of the CTA or of the tile has max |x| >= 2^40
+      scale_rows<Traits, Traits::kRows, Traits::kChunk>(sm.a_chunk(kc & 1), Traits::kChunkStride, sm.row_f());
+#pragma unroll
+      for (int hh = 0; hh < Traits::kTiles; ++hh) {
+        scale_rows<Traits, Traits::kCols, Traits::kChunk>(sm.b_chunk(kc & 1, hh), Traits::kChunkStride,
+                                                          sm.col_f() + hh * Traits::kCols);
+      }
+      __syncthreads();
+    }
     mma_scores_chunk<Traits>(acc, sm.a_chunk(kc & 1), sm.b_chunk(kc & 1, tile), warp, lane);
     __syncthreads();  // the buffer is refilled by the next iteration's load
   }
 }
 
-// Rows' inverse norms r = 1 / max(||x||, eps), overflow-free (scaled by the row's max |x|), one
-// warp per stacked row. NaN rows stay NaN.
+// Rows' inverse norms and power-of-two factors (InfonceProblem::inv_norm, row_factor), one warp per
+// stacked row, overflow-free for any finite row. With 2^e <= amax = max |x| < 2^(e+1), the sum of
+// squares runs on x 2^-(e-1) (exact power-of-two scaling, every term <= 16): norm' = ||x 2^-(e-1)||
+// in [2, 4 sqrt(D)]. Rows with e >= 40 keep the factor f = 2^-(e-1) (the kernels scale their
+// features by it) and store 1 / norm'; the others store f = 1 and 1 / max(norm' 2^(e-1), eps)
+// (amax < 2^40: norm < 2^46, no overflow). amax < 2^-100 gives norm < 2^-84 < eps directly.
+// NaN rows stay NaN; rows holding inf keep the old meaning (norm inf, r = 0).
 template <typename Element>
 __global__ void __launch_bounds__(256) row_inv_norm_kernel(const __grid_constant__ InfonceProblem p) {
   const int lane = threadIdx.x & 31;
@@ -266,21 +302,46 @@ __global__ void __launch_bounds__(256) row_inv_norm_kernel(const __grid_constant
   }
   amax = warp_max(amax);
   nan = __any_sync(0xffffffffu, nan);
-  float norm;
+  float inv = 1.f / kNormEps, factor = 1.f;
   if (nan) {
-    norm = NAN;
-  } else if (amax == 0.f || isinf(amax)) {
-    norm = amax;
-  } else {
-    const float inv_max = 1.f / amax;
+    inv = NAN;
+  } else if (isinf(amax)) {
+    inv = 0.f;
+  } else if (amax >= 0x1p-100f) {
+    const int e = ilogbf(amax);                        // -100 <= e <= 127
+    const float down = __int_as_float((128 - e) << 23);  // 2^-(e-1), a normal float: e - 1 <= 126
     float sum = 0.f;
     for (int d = lane; d < p.dim; d += 32) {
-      const float v = to_float(x[d]) * inv_max;
+      const float v = to_float(x[d]) * down;
       sum = fmaf(v, v, sum);
     }
-    norm = amax * sqrtf(warp_sum(sum));
+    const float norm_scaled = sqrtf(warp_sum(sum));  // >= 2: the max term alone is >= 4
+    if (e >= 40) {
+      factor = down;
+      inv = 1.f / norm_scaled;
+    } else {
+      const float norm = norm_scaled * __int_as_float((126 + e) << 23);  // * 2^(e-1), exact, e - 1 >= -101
+      inv = 1.f / fmaxf(norm, kNormEps);
+    }
   }
-  if (lane == 0) p.inv_norm[R] = 1.f / (isnan(norm) || norm > kNormEps ? norm : kNormEps);
+  if (lane == 0) {
+    p.inv_norm[R] = inv;
+    p.row_factor[R] = factor;
+  }
+}
+
+// Writes the power-of-two factors of the CTA's rows to shared memory (1 without normalisation or
+// past the end); true on the threads that found a factor != 1.
+template <typename Traits>
+__device__ __forceinline__ bool load_row_factors(const InfonceProblem& p, const InfonceSmem<Traits>& sm) {
+  bool scaled = false;
+  for (int lr = threadIdx.x; lr < Traits::kRows; lr += Traits::kThreads) {
+    const int64_t R = cta_row(blockIdx.x, lr, p.n);
+    const float f = R >= 0 && p.normalize ? p.row_factor[R] : 1.f;
+    sm.row_f()[lr] = f;
+    scaled = scaled || f != 1.f;
+  }
+  return scaled;
 }
 
 __device__ __forceinline__ bool use_fixed_shift(const InfonceProblem& p, float s) { return p.normalize && 2.f * s <= 80.f; }
@@ -311,16 +372,23 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) infonce_fwd_kernel(const 
     l[q] = 0.f;
     s_pos[q] = 0.f;
   }
+  const bool rows_scaled = load_row_factors(p, sm);  // visible after the first tile's barrier
 
   for (int64_t j0 = 0; j0 < ncols; j0 += Traits::kCols) {
-    // column inverse norms of this tile (read after score_tile's barriers)
+    // column inverse norms and factors of this tile (read after score_tile's barriers)
+    bool cols_scaled = false;
     for (int i = threadIdx.x; i < Traits::kTiles * Traits::kCols; i += Traits::kThreads) {
       const int hh = i / Traits::kCols, jj = i % Traits::kCols;
       const int64_t C = column_base(p.cross, hh, p.n) + j0 + jj;
-      sm.col_r()[i] = j0 + jj < ncols ? (p.normalize ? p.inv_norm[C] : 1.f) : 0.f;
+      const bool ok = j0 + jj < ncols;
+      sm.col_r()[i] = ok ? (p.normalize ? p.inv_norm[C] : 1.f) : 0.f;
+      const float f = ok && p.normalize ? p.row_factor[C] : 1.f;
+      sm.col_f()[i] = f;
+      cols_scaled = cols_scaled || f != 1.f;
     }
+    const bool rescale = __syncthreads_or(rows_scaled || cols_scaled) != 0;
     float acc[Traits::kColTiles8][4];
-    score_tile<Traits>(acc, p, sm, j0, vector, warp, lane);
+    score_tile<Traits>(acc, p, sm, j0, vector, rescale, warp, lane);
     const int64_t cbase = column_base(p.cross, h, p.n) + j0;
     if constexpr (Traits::kSiglip) {
       // l accumulates the row's sigmoid loss: softplus(-z (s x.y + b)), z = +1 at the partner
@@ -445,22 +513,28 @@ __global__ void __launch_bounds__(Traits::kThreads) infonce_bwd_kernel(const __g
     e_own[q] = __expf(c - lse_own[q]);  // fixed shift: P = E e_own (c - lse in [-log 2n, 2s])
     neg_p[q] = c_row[q] = s_pos[q] = 0.f;
   }
+  const bool rows_scaled = load_row_factors(p, sm);  // visible after the first tile's barrier
   float du[Traits::kSliceTiles8][4];
 #pragma unroll
   for (int dn = 0; dn < Traits::kSliceTiles8; ++dn) du[dn][0] = du[dn][1] = du[dn][2] = du[dn][3] = 0.f;
 
   for (int64_t j0 = 0; j0 < ncols; j0 += Traits::kCols) {
     // this tile's column data and feature slice (visible after score_tile's barriers)
+    bool cols_scaled = false;
     for (int i = threadIdx.x; i < Traits::kTiles * Traits::kCols; i += Traits::kThreads) {
       const int hh = i / Traits::kCols, jj = i % Traits::kCols;
       const int64_t C = column_base(p.cross, hh, p.n) + j0 + jj;
       const bool ok = j0 + jj < ncols;
       const float gc = ok ? grad_of(C) : 0.f, lc = ok ? lse_of(C) : INFINITY;
       sm.col_r()[i] = ok ? (p.normalize ? p.inv_norm[C] : 1.f) : 0.f;
+      const float f = ok && p.normalize ? p.row_factor[C] : 1.f;
+      sm.col_f()[i] = f;
+      cols_scaled = cols_scaled || f != 1.f;
       sm.col_g()[i] = gc;
       sm.col_lse()[i] = lc;
       sm.col_a()[i] = gc * __expf(c - lc);
     }
+    const bool rescale = __syncthreads_or(rows_scaled || cols_scaled) != 0;
 #pragma unroll
     for (int hh = 0; hh < Traits::kTiles; ++hh) {
       const int64_t base = column_base(p.cross, hh, p.n) + j0;
@@ -473,7 +547,15 @@ __global__ void __launch_bounds__(Traits::kThreads) infonce_bwd_kernel(const __g
     cp_async_commit();  // the slice lands with chunk 0 of score_tile (its waits cover older groups)
 
     float acc[Traits::kColTiles8][4];
-    score_tile<Traits>(acc, p, sm, j0, vector, warp, lane);
+    score_tile<Traits>(acc, p, sm, j0, vector, rescale, warp, lane);
+    if (rescale) {  // the feature slice landed with score_tile's waits and barriers
+#pragma unroll
+      for (int hh = 0; hh < Traits::kTiles; ++hh) {
+        scale_rows<Traits, Traits::kCols, Traits::kSlice>(sm.v_slice(hh), Traits::kSliceStride,
+                                                          sm.col_f() + hh * Traits::kCols);
+      }
+      __syncthreads();
+    }
 
     // W (times the column's inverse norm) in place of S
     const int64_t cbase = column_base(p.cross, h, p.n) + j0;
@@ -615,7 +697,10 @@ __global__ void __launch_bounds__(Traits::kThreads) infonce_bwd_kernel(const __g
     if (row[q] < 0) continue;
     const Element* x_own = stacked_row<Element>(p, row[q]);
     const Element* x_pair = stacked_row<Element>(p, partner[q]);
+    // r x = r' (f x) with r' = inv_norm, f = row_factor (f = 1 unless max |x| >= 2^40)
     const float r_pair = p.normalize ? p.inv_norm[partner[q]] : 1.f;
+    const float f_pair = p.normalize ? p.row_factor[partner[q]] : 1.f;
+    const float f_own = p.normalize ? p.row_factor[row[q]] : 1.f;
     const bool project = p.normalize && row_r[q] < 1.f / kNormEps;  // ||x_R|| > eps
     const bool first = row[q] < p.n;
     Element* out = static_cast<Element*>(first ? p.dx_first : p.dx_second) + (first ? row[q] : row[q] - p.n) * p.dim;
@@ -625,10 +710,12 @@ __global__ void __launch_bounds__(Traits::kThreads) infonce_bwd_kernel(const __g
       for (int e = 0; e < 2; ++e) {
         const int d = d_slice + 8 * dn + 2 * t + e;
         if (d >= p.dim) continue;
-        const float grad_u = s * (du[dn][2 * q + e] + pair_w[q] * r_pair * to_float(x_pair[d]));
+        const float grad_u = s * (du[dn][2 * q + e] + pair_w[q] * r_pair * (to_float(x_pair[d]) * f_pair));
         float grad_x = grad_u;
         if (p.normalize) {
-          grad_x = project ? row_r[q] * (grad_u - row_r[q] * to_float(x_own[d]) * c_row[q]) : row_r[q] * grad_u;
+          // dz = r (du - u c) with r = f r': (r' (du - r' (f x) c)) f; unprojected rows have f = 1
+          grad_x = project ? (row_r[q] * (grad_u - row_r[q] * (to_float(x_own[d]) * f_own) * c_row[q])) * f_own
+                           : row_r[q] * grad_u;
         }
         out[d] = from_float<Element>(grad_x);
       }

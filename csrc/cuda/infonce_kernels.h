@@ -24,7 +24,13 @@ struct InfonceProblem {
   bool cross = false;            // false: nt_xent, true: info_nce / clip
   bool normalize = true;         // rows normalised inside (nt_xent always)
   const float* scale = nullptr;  // 0-d fp32 on the device: s = 1/temperature or logit_scale
-  float* inv_norm = nullptr;     // workspace (2n) fp32: 1 / max(||x_R||, eps) (normalize only)
+  // Workspace (4n) fp32 (normalize only): inv_norm[R] = 1 / max(||f_R x_R||, eps) and
+  // row_factor[R] = f_R = inv_norm + 2n, an exact power of two: 1 for rows with max |x| < 2^40,
+  // else 2^-(e-1) with 2^e <= max |x| < 2^(e+1), so the scaled row's max lies in [2, 4). The kernels
+  // multiply a scaled row's features by f_R before any dot product (raw dots of such rows can
+  // overflow fp32), and r_R = f_R inv_norm[R] is the true inverse norm.
+  float* inv_norm = nullptr;
+  float* row_factor = nullptr;
   // SigLIP (first = x, second = y, cross = true, normalize = false): logits s x_i . y_j + b with
   // the sigmoid loss instead of the softmax; bias is a 0-d fp32 device tensor.
   bool siglip = false;
