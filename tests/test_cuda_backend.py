@@ -152,6 +152,51 @@ def test_saturated_rows_keep_relative_precision(gen, dtype):
     assert (((loss.double().cpu() - expected).abs() / expected.clamp_min(1e-300))[tiny] < 50 * RTOL[dtype]).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)  # fp16 tops out at 65504
+@pytest.mark.parametrize("family", ["nt_xent", "info_nce"])
+def test_huge_rows_stay_finite_and_exact(gen, dtype, family):
+    """Rows scaled by 2^k up to 2^126: raw dot products would overflow fp32 (beyond ~1e19); the
+    kernels scale such rows by an exact power of two, so the normalised loss equals the loss of the
+    unscaled rows and grad(2^k x) = grad(x) / 2^k."""
+    n, d = 70, 150
+    exponents = torch.tensor([0, 45, 70, 100, -30], dtype=torch.float64)
+    row_scale = [torch.exp2(exponents[torch.randint(0, 5, (n,), generator=gen)]).unsqueeze(1) for _ in range(2)]
+    pairs = _inputs(gen, (n, d), (n, d), dtype=dtype)
+    base = [ref for _, ref in pairs]
+    # 2^k times a dtype-rounded value is exact in fp32 / bf16 (no overflow, no subnormal)
+    fused = [(ref.detach() * sc).to(DEV, dtype).requires_grad_(True) for ref, sc in zip(base, row_scale)]
+
+    def run(a, b):
+        if family == "nt_xent":
+            return cl_fast.nt_xent(a, b, 0.1, reduction="none", backend="cuda")
+        return cl_fast.info_nce(a, b, 0.1, symmetric=True, reduction="none", backend="cuda")
+
+    def expect(a, b):
+        if family == "nt_xent":
+            return reference.nt_xent(a, b, 0.1, reduction="none")
+        return reference.info_nce(a, b, 0.1, symmetric=True, reduction="none")
+
+    loss = run(*fused)
+    expected = expect(*base)
+    assert torch.isfinite(loss).all()
+    assert rel_err(loss, expected) < RTOL[dtype]
+    weights = torch.rand(loss.shape, generator=gen, dtype=torch.float64)
+    (loss * weights.to(DEV)).sum().backward()
+    (expected * weights).sum().backward()
+    for x, ref, sc in zip(fused, base, row_scale):
+        assert torch.isfinite(x.grad).all()
+        assert rel_err(x.grad.cpu().double() * sc, ref.grad) < RTOL[dtype]
+
+    # rows at the top of the range (max |x| = 2^127 in every row): still finite and right
+    top = [(ref.detach() / ref.detach().abs().amax(1, keepdim=True) * 2.0**127).to(DEV, dtype).requires_grad_(True)
+           for ref in base]
+    top_loss = run(*top)
+    assert torch.isfinite(top_loss).all()
+    assert rel_err(top_loss, expect(*[x.detach().cpu().double() for x in top])) < RTOL[dtype]
+    top_loss.sum().backward()
+    assert all(torch.isfinite(x.grad).all() for x in top)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_repeated_calls_are_bit_identical(gen, dtype):
     (z1, _), (z2, _) = _inputs(gen, (300, 130), (300, 130), dtype=dtype)

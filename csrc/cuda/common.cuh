@@ -90,6 +90,23 @@ __device__ __forceinline__ void mma_tf32_1688(float (&c)[4], const uint32_t (&a)
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// ---- ldmatrix: four 8x8 matrices of 16-bit elements, shared memory -> registers ----------------
+// Lanes 8i..8i+7 give the addresses of the 8 rows (16 bytes each, 16-byte aligned) of matrix i.
+// Register i of lane l receives matrix i's row l/4, elements 2(l%4), 2(l%4)+1 (low half = first);
+// with .trans, its column l/4, rows 2(l%4) (low half) and 2(l%4)+1.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row_address) {
+  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(row_address));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row_address) {
+  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(row_address));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
+}
+
 // x rounded to tf32 (low 13 mantissa bits zero), as a 32-bit register.
 __device__ __forceinline__ uint32_t to_tf32(float x) {
   uint32_t r;
@@ -110,6 +127,13 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
 __device__ __forceinline__ uint32_t pack_f16(float lo, float hi) {
   const __half2 v = __floats2half2_rn(lo, hi);
   return *reinterpret_cast<const uint32_t*>(&v);
+}
+// Two fp16 (one register) -> two bf16 (one register), same order.
+__device__ __forceinline__ uint32_t f16x2_to_bf16x2(uint32_t h) {
+  __half2 v;
+  *reinterpret_cast<uint32_t*>(&v) = h;
+  const float2 f = __half22float2(v);
+  return pack_bf16(f.x, f.y);
 }
 
 }  // namespace cl_fast::cuda

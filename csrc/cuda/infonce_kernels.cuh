@@ -136,6 +136,10 @@ __device__ __forceinline__ void mma_scores_chunk(float (&acc)[Traits::kColTiles8
   const int g = lane >> 2, t = lane & 3;
   const Element* a_row0 = a_tile + (16 * warp + g) * S;
   const Element* a_row8 = a_row0 + 8 * S;
+  const int lr = lane & 7, lg = lane >> 3;  // ldmatrix: row lr of matrix lg
+  const Element* a_frag = a_tile + (16 * warp + lr + 8 * (lg & 1)) * S + 8 * (lg >> 1);
+  const Element* b_frag = b_tile + (lr + 8 * (lg >> 1)) * S + 8 * (lg & 1);
+  static_assert(Traits::kColTiles8 % 2 == 0, "n8 tiles are loaded in pairs");
 #pragma unroll
   for (int ks = 0; ks < Traits::kChunk / Traits::kMmaK; ++ks) {
     const int k0 = ks * Traits::kMmaK;
@@ -156,20 +160,22 @@ __device__ __forceinline__ void mma_scores_chunk(float (&acc)[Traits::kColTiles8
         mma_tf32_1688(acc[nt], ahi, b0hi, b1hi);
       }
     } else {
+      // ldmatrix.x4, lane group lg = lane / 8 addresses matrix lg (lr = lane % 8 its row):
+      // A: (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15), (rows 8-15, k 8-15) = a0..a3;
+      // B for the n8 tiles nt, nt+1: (nt, k 0-7), (nt, k 8-15), (nt+1, k 0-7), (nt+1, k 8-15) =
+      // b0, b1 of nt, b0, b1 of nt+1 (B's column n is the tile row, stored along k).
       uint32_t a[4];
-      a[0] = *reinterpret_cast<const uint32_t*>(a_row0 + k0 + 2 * t);
-      a[1] = *reinterpret_cast<const uint32_t*>(a_row8 + k0 + 2 * t);
-      a[2] = *reinterpret_cast<const uint32_t*>(a_row0 + k0 + 2 * t + 8);
-      a[3] = *reinterpret_cast<const uint32_t*>(a_row8 + k0 + 2 * t + 8);
+      ldmatrix_x4(a, a_frag + k0);
 #pragma unroll
-      for (int nt = 0; nt < Traits::kColTiles8; ++nt) {
-        const Element* b_row = b_tile + (8 * nt + g) * S + k0 + 2 * t;
-        const uint32_t b0 = *reinterpret_cast<const uint32_t*>(b_row);
-        const uint32_t b1 = *reinterpret_cast<const uint32_t*>(b_row + 8);
+      for (int nt = 0; nt < Traits::kColTiles8; nt += 2) {
+        uint32_t b[4];
+        ldmatrix_x4(b, b_frag + 8 * nt * S + k0);
         if constexpr (std::is_same_v<Element, __half>) {
-          mma_f16_16816(acc[nt], a, b0, b1);
+          mma_f16_16816(acc[nt], a, b[0], b[1]);
+          mma_f16_16816(acc[nt + 1], a, b[2], b[3]);
         } else {
-          mma_bf16_16816(acc[nt], a, b0, b1);
+          mma_bf16_16816(acc[nt], a, b[0], b[1]);
+          mma_bf16_16816(acc[nt + 1], a, b[2], b[3]);
         }
       }
     }
@@ -636,20 +642,20 @@ __global__ void __launch_bounds__(Traits::kThreads) infonce_bwd_kernel(const __g
         a[1] = pack_bf16(acc[2 * ks][2], acc[2 * ks][3]);
         a[2] = pack_bf16(acc[2 * ks + 1][0], acc[2 * ks + 1][1]);
         a[3] = pack_bf16(acc[2 * ks + 1][2], acc[2 * ks + 1][3]);
-        const Element* v0 = v + (16 * ks + 2 * t) * VS + g;
+        // ldmatrix.x4.trans of V (rows j = columns of the tile, along k; features d along n):
+        // matrices (j 0-7, dn), (j 8-15, dn), (j 0-7, dn+1), (j 8-15, dn+1) = b0, b1 of dn and of
+        // dn+1 (lane l gets V[j0 + 2(l%4)][d0 + l/4] and V[j0 + 2(l%4) + 1][d0 + l/4])
+        const Element* v_frag = v + (16 * ks + (lane & 7) + 8 * ((lane >> 3) & 1)) * VS + 8 * (lane >> 4);
 #pragma unroll
-        for (int dn = 0; dn < Traits::kSliceTiles8; ++dn) {
-          const Element* col = v0 + 8 * dn;
-          uint32_t b0, b1;
-          if constexpr (std::is_same_v<Element, __nv_bfloat16>) {
-            const uint16_t* raw = reinterpret_cast<const uint16_t*>(col);
-            b0 = static_cast<uint32_t>(raw[0]) | (static_cast<uint32_t>(raw[VS]) << 16);
-            b1 = static_cast<uint32_t>(raw[8 * VS]) | (static_cast<uint32_t>(raw[9 * VS]) << 16);
-          } else {
-            b0 = pack_bf16(to_float(col[0]), to_float(col[VS]));
-            b1 = pack_bf16(to_float(col[8 * VS]), to_float(col[9 * VS]));
+        for (int dn = 0; dn < Traits::kSliceTiles8; dn += 2) {
+          uint32_t b[4];
+          ldmatrix_x4_trans(b, v_frag + 8 * dn);
+          if constexpr (std::is_same_v<Element, __half>) {
+#pragma unroll
+            for (int r = 0; r < 4; ++r) b[r] = f16x2_to_bf16x2(b[r]);
           }
-          mma_bf16_16816(du[dn], a, b0, b1);
+          mma_bf16_16816(du[dn], a, b[0], b[1]);
+          mma_bf16_16816(du[dn + 1], a, b[2], b[3]);
         }
       }
     }
