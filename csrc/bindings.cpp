@@ -120,16 +120,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ntxent_bwd_cpu(const at::Tensor& 
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
-                                                                         double scale, bool both) {
+                                                                         double scale, bool both, bool normalize) {
   check_cross(q, k, scale);
   check_device_type(q, "q", c10::DeviceType::CPU);
-  return cpu::cross_fwd(q, k, scale, both);
+  return cpu::cross_fwd(q, k, scale, both, normalize);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_bwd_cpu(const at::Tensor& grad_row, const at::Tensor& grad_col,
                                                              const at::Tensor& q, const at::Tensor& k, double scale,
                                                              const at::Tensor& row_lse, const at::Tensor& col_lse,
-                                                             bool both) {
+                                                             bool both, bool normalize) {
   check_cross(q, k, scale);
   check_device_type(q, "q", c10::DeviceType::CPU);
   const int64_t n = q.size(0);
@@ -137,7 +137,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_bwd_cpu(const at::Tensor& g
   check_row_vector(row_lse, "row_lse (from cross_fwd)", n, q);
   check_col_vector(grad_col, "grad_col (upstream gradient of the N column losses)", n, q, both);
   check_col_vector(col_lse, "col_lse (from cross_fwd)", n, q, both);
-  return cpu::cross_bwd(grad_row, grad_col, q, k, scale, row_lse, col_lse, both);
+  return cpu::cross_bwd(grad_row, grad_col, q, k, scale, row_lse, col_lse, both, normalize);
 }
 
 void check_normalize_input(const at::Tensor& x) {
@@ -207,7 +207,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ntxent_bwd_meta(const at::Tensor&
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_fwd_meta(const at::Tensor& q, const at::Tensor& k,
-                                                                          double scale, bool both) {
+                                                                          double scale, bool both, bool normalize) {
   check_meta_pair(q, "q", k, "k");
   check_scale(scale);
   const c10::SymInt n = q.sym_size(0);
@@ -219,7 +219,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_fwd_meta(const 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_bwd_meta(const at::Tensor& grad_row, const at::Tensor& grad_col,
                                                               const at::Tensor& q, const at::Tensor& k, double scale,
                                                               const at::Tensor& row_lse, const at::Tensor& col_lse,
-                                                              bool both) {
+                                                              bool both, bool normalize) {
   check_meta_pair(q, "q", k, "k");
   check_scale(scale);
   return {at::empty_like(q, at::MemoryFormat::Contiguous), at::empty_like(k, at::MemoryFormat::Contiguous),
@@ -240,11 +240,11 @@ TORCH_LIBRARY(cl_fast_C, m) {
   m.def("ntxent_bwd(Tensor grad, Tensor z1, Tensor z2, float scale, Tensor lse) "
         "-> (Tensor dz1, Tensor dz2, Tensor dscale)",
         tags);
-  m.def("cross_fwd(Tensor q, Tensor k, float scale, bool both) "
+  m.def("cross_fwd(Tensor q, Tensor k, float scale, bool both, bool normalize=True) "
         "-> (Tensor row_loss, Tensor col_loss, Tensor row_lse, Tensor col_lse)",
         tags);
   m.def("cross_bwd(Tensor grad_row, Tensor grad_col, Tensor q, Tensor k, float scale, Tensor row_lse, "
-        "Tensor col_lse, bool both) -> (Tensor dq, Tensor dk, Tensor dscale)",
+        "Tensor col_lse, bool both, bool normalize=True) -> (Tensor dq, Tensor dk, Tensor dscale)",
         tags);
   m.def("l2_normalize(Tensor x) -> Tensor", tags);
 }
