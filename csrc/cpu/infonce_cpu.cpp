@@ -262,10 +262,12 @@ inline void store(const Vec& v, float* p, int64_t count) {
 
 // Zeroes the lanes past `count` (ragged tail) and the lane of column i when the tile's diagonal
 // is masked (the nt_xent self pair, or the positive pair).
-inline Vec mask_lanes(Vec v, const TileArgs& t, int64_t i, int64_t j, int64_t count) {
-  if (count < kVec) v = Vec::set(Vec(0.f), v, count);
-  if ((t.diag || t.pos_diag) && i >= j && i < j + count) v = zero_lane(v, i - j);
-  return v;
+// (always inlined: a Vec passed by value to an out-of-line call goes through memory.)
+C10_ALWAYS_INLINE Vec mask_lanes(const Vec& v, const TileArgs& t, int64_t i, int64_t j, int64_t count) {
+  if (C10_LIKELY(count == kVec && !(t.diag || t.pos_diag))) return v;
+  Vec out = count < kVec ? Vec::set(Vec(0.f), v, count) : v;
+  if ((t.diag || t.pos_diag) && i >= j && i < j + count) out = zero_lane(out, i - j);
+  return out;
 }
 
 // Logits tile C = Z_I Z_J^T into w.tile (row stride = column block rows).
