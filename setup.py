@@ -30,7 +30,7 @@ def _with_cuda():
 
 
 def _extension():
-    sources = ["csrc/bindings.cpp"] + _sources("csrc/cpu/*.cpp")
+    sources = ["csrc/ops.cpp"] + _sources("csrc/cpu/*.cpp")  # schemas + checks, then the CPU kernels
     # x86-64: AVX2 + FMA (csrc/cpu/cpu_vec.h picks at::vec's AVX2 path); any other CPU (ARM, Apple silicon): no
     # x86 flags, at::vec's portable path; CL_FAST_NATIVE=1: everything the build machine has.
     native, x86_64 = os.environ.get("CL_FAST_NATIVE") == "1", platform.machine().lower() in ("x86_64", "amd64")

@@ -37,8 +37,22 @@ def check_pair(name_a: str, a, name_b: str, b, min_rows: int = 1) -> None:
         raise TypeError(f"{name_a} and {name_b} must have one dtype, got {a.dtype} and {b.dtype}")
 
 
+def host_readable(value: torch.Tensor) -> bool:
+    """Whether a tensor's value can be read without waiting for a device: a CPU tensor, in eager
+    mode (under torch.compile a read would break the graph, or sync once compiled)."""
+    return value.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def check_positive_scalar(name: str, value, device: torch.device) -> None:
-    """A float or a 0-d float tensor, finite and > 0 (tensors are checked outside torch.compile)."""
+    """A float or a 0-d float tensor, finite and > 0.
+
+    A number, or a CPU tensor in eager mode, is checked here (ValueError). A device tensor, or any
+    tensor under torch.compile, is never read on the host: the check is queued on its device
+    instead (torch._assert_async), so an invalid value fails the step loudly (a RuntimeError
+    naming the argument) rather than giving a silent number, and no step waits for the device.
+    On a GPU that failure is a device-side assert: like an out-of-range index, it ends the
+    process's CUDA context (the price of not synchronising on every step).
+    """
     if isinstance(value, torch.Tensor):
         if value.numel() != 1 or value.dim() > 1:
             raise ValueError(f"{name} must be a float or a 0-d tensor, got shape {tuple(value.shape)}")
@@ -46,7 +60,9 @@ def check_positive_scalar(name: str, value, device: torch.device) -> None:
             raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
         if value.device != device and value.device.type != "cpu":
             raise ValueError(f"{name} is on {value.device} but the features are on {device}")
-        if torch.compiler.is_compiling():
+        if not host_readable(value):
+            valid = (value.detach() > 0) & torch.isfinite(value.detach())
+            torch._assert_async(valid.reshape(()), f"{name} must be finite and > 0")
             return
         value = float(value.detach())
     elif isinstance(value, bool) or not isinstance(value, numbers.Real):

@@ -1,9 +1,12 @@
 """Which backend runs: the one place that decides, for every op family.
 
-A fused backend of an op family is a module holding that family's launchers (for the InfoNCE
-family, DESIGN.md's interface: ntxent_fwd, ntxent_bwd, cross_fwd, cross_bwd). Adding a backend
-is one module and one entry in _MODULES. "torch" is the pure-PyTorch reference and has no module
-here (it is autograd all the way).
+A fused backend of an op family is a module holding that family's launchers (DESIGN.md's
+backend interface; for the InfoNCE family ntxent_fwd, ntxent_bwd, cross_fwd, cross_bwd).
+"cpu" and "cuda" are both served by cl_fast._native (the C++ / CUDA kernels of cl_fast._C,
+which the dispatcher picks by device); each is listed only where the build registered the
+family's kernels for that device. "triton" is triton_kernels.<family>. "torch" is the
+pure-PyTorch reference and has no module here (it is autograd all the way). Adding a backend is
+one module and one entry per family in _MODULES.
 """
 from __future__ import annotations
 
@@ -16,12 +19,11 @@ import torch
 BACKENDS = ("auto", "torch", "triton", "cpu", "cuda")
 ENV_VAR = "CL_FAST_BACKEND"
 
+_NATIVE = "cl_fast._native"
 # op family -> backend -> the module with that family's launchers
 _MODULES = {
-    "infonce": {"cuda": "cl_fast._cuda_backend", "triton": "triton_kernels.infonce", "cpu": "cl_fast._cpu_backend"},
-    "moco": {"triton": "triton_kernels.moco", "cpu": "cl_fast._cpu_backend"},
-    "byol": {"triton": "triton_kernels.byol", "cpu": "cl_fast._cpu_backend"},
-    "sinkhorn": {"triton": "triton_kernels.sinkhorn", "cpu": "cl_fast._cpu_backend"},
+    family: {"cuda": _NATIVE, "triton": f"triton_kernels.{family}", "cpu": _NATIVE}
+    for family in ("infonce", "moco", "byol", "sinkhorn", "siglip")
 }
 # "auto" on a device tries these, first available wins
 _PREFERENCE = {"cuda": ("cuda", "triton"), "cpu": ("cpu",)}
@@ -49,6 +51,24 @@ def module(backend: str, op: str = "infonce"):
     return _LOADED[op].get(backend)
 
 
+def _has_kernels(backend: str, op: str) -> bool:
+    loaded = module(backend, op)
+    if loaded is None:
+        return False
+    if backend in ("cpu", "cuda"):  # the native module: kernels registered for this device?
+        return loaded.has_kernels(op, backend)
+    return True
+
+
+# op family -> the backends whose module imported and whose kernels are built (decided once,
+# here: torch.compile traces resolve() and cannot trace the dispatcher query)
+_BUILT = {op: {backend for backend in table if _has_kernels(backend, op)} for op, table in _MODULES.items()}
+
+
+def _built(backend: str, op: str) -> bool:
+    return backend in _BUILT[op]
+
+
 def _runs_on(backend: str, device: torch.device) -> bool:
     if backend == "torch":
         return True
@@ -63,7 +83,7 @@ def _runs_on(backend: str, device: torch.device) -> bool:
 
 def backends(op: str = "infonce", device: torch.device | str | None = None) -> list[str]:
     """The backends usable here for `op` (on tensors of `device`, if given), fused ones first."""
-    found = [name for name in _MODULES[op] if module(name, op) is not None]
+    found = [name for name in _MODULES[op] if _built(name, op)]
     if "cuda" in found and not torch.cuda.is_available():
         found.remove("cuda")
     if "triton" in found and not (torch.cuda.is_available() or triton_interpreted()):
@@ -121,6 +141,6 @@ def _resolve(backend: str, device: torch.device, dtype: torch.dtype, op: str) ->
     if not _runs_on(backend, device):
         hint = " (set TRITON_INTERPRET=1 to run Triton on CPU tensors)" if backend == "triton" else ""
         raise ValueError(f"backend={backend!r} cannot run on {device.type} tensors{hint}")
-    if module(backend, op) is None:
+    if not _built(backend, op):
         raise ValueError(f"backend={backend!r} is not available here; available: {backends(op)}")
     return backend

@@ -7,8 +7,9 @@ three fp32 per row for the backward, which reads the rows once more and writes
 and the projection term drops). No normalised copy of p or z is ever made. z is expected
 detached (BYOL's target branch); if it does require grad, it gets its gradient too.
 
-Backends: "torch" (reference.byol_loss), "cpu" (cl_fast._C ops cl_fast_C::byol_fwd / byol_bwd),
-"triton" (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1); "auto" on a GPU runs "triton".
+Backends: "torch" (reference.byol_loss), "cpu" / "cuda" (cl_fast._C ops cl_fast_C::byol_fwd /
+byol_bwd through cl_fast._native, "cuda" where built), "triton" (CUDA tensors, or CPU tensors under
+TRITON_INTERPRET=1). The custom ops and their autograd: cl_fast/_ops/byol.py.
 Every fused backend provides
 
     byol_fwd(p, z) -> (loss (N,) fp32, stats (N, 3) fp32 = [||p_i||, ||z_i||, cos_i])
@@ -20,56 +21,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from . import _checks, _dispatch, _ops, reference
+from . import _checks, _dispatch, reference
+from ._ops import byol as ops
+from ._ops import reduce_loss
 
 __all__ = ["byol_loss", "BYOLLoss"]
-
-
-# ------------------------------------------------------------------------------ custom ops
-def _byol_fwd_impl(p: Tensor, z: Tensor, backend: str) -> tuple[Tensor, Tensor]:
-    """(loss (N,), stats (N, 3)), fp32."""
-    return tuple(_dispatch.module(backend, "byol").byol_fwd(p.contiguous(), z.contiguous()))
-
-
-byol_fwd = _ops.define("byol_fwd", _byol_fwd_impl)
-
-
-@byol_fwd.register_fake
-def _(p, z, backend):
-    return p.new_empty((p.shape[0],), dtype=torch.float32), p.new_empty((p.shape[0], 3), dtype=torch.float32)
-
-
-def _byol_bwd_impl(grad: Tensor, p: Tensor, z: Tensor, stats: Tensor, need_dz: bool, backend: str) -> tuple[Tensor, Tensor]:
-    """(dp, dz) in p's dtype; dz is (0, D) unless need_dz."""
-    return tuple(
-        _dispatch.module(backend, "byol").byol_bwd(grad.contiguous(), p.contiguous(), z.contiguous(), stats.contiguous(), need_dz)
-    )
-
-
-byol_bwd = _ops.define("byol_bwd", _byol_bwd_impl)
-
-
-@byol_bwd.register_fake
-def _(grad, p, z, stats, need_dz, backend):
-    return torch.empty_like(p), z.new_empty((z.shape[0] if need_dz else 0, z.shape[1]))
-
-
-def _byol_setup(ctx, inputs, output):
-    p, z, backend = inputs
-    ctx.save_for_backward(p, z, output[1])
-    ctx.backend = backend
-    ctx.mark_non_differentiable(output[1])
-
-
-def _byol_backward(ctx, grad_loss, _grad_stats):
-    p, z, stats = ctx.saved_tensors
-    need_dz = ctx.needs_input_grad[1]
-    grad = grad_loss.to(torch.float32) if grad_loss is not None else torch.zeros_like(stats[:, 0])
-    dp, dz = byol_bwd(grad, p, z, stats, need_dz, ctx.backend)
-    return dp, (dz if need_dz else None), None
-
-
-byol_fwd.register_autograd(_byol_backward, setup_context=_byol_setup)
 
 
 # ------------------------------------------------------------------------------ public API
@@ -84,8 +40,8 @@ def byol_loss(p: Tensor, z: Tensor, *, reduction: str = "mean", backend: str = "
     backend = _dispatch.resolve(backend, p.device, p.dtype, op="byol")
     if backend == "torch":
         return reference.byol_loss(p, z, reduction=reduction)
-    loss, _ = byol_fwd(p, z, backend)
-    return reference.reduce_loss(loss, reduction)
+    loss, _ = ops.byol_fwd(p, z, backend)
+    return reduce_loss(loss, reduction)
 
 
 class BYOLLoss(nn.Module):

@@ -10,15 +10,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from . import _checks, _dispatch, _ops, reference
-
-
-def _scale_tensor(value, reciprocal: bool, device: torch.device) -> Tensor:
-    """The scale s the kernels multiply by, as a 0-d fp32 tensor (keeps autograd to `value`)."""
-    if isinstance(value, Tensor):
-        scale = value.reshape(()).to(device=device, dtype=torch.float32)
-        return 1.0 / scale if reciprocal else scale
-    return torch.tensor(1.0 / value if reciprocal else value, dtype=torch.float32, device=device)
+from . import _checks, _dispatch, reference
+from ._ops import infonce as ops
+from ._ops import reduce_loss, scale_tensor
 
 
 def nt_xent(z1: Tensor, z2: Tensor, temperature=0.5, *, reduction: str = "mean", backend: str = "auto") -> Tensor:
@@ -33,14 +27,14 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature=0.5, *, reduction: str = "mean",
     backend = _dispatch.resolve(backend, z1.device, z1.dtype, z1.shape[1])
     if backend == "torch":
         return reference.nt_xent(z1, z2, temperature, reduction=reduction)
-    losses, _ = _ops.ntxent_fwd(z1, z2, _scale_tensor(temperature, True, z1.device), backend)
-    return reference.reduce_loss(losses, reduction)
+    losses, _ = ops.ntxent_fwd(z1, z2, scale_tensor(temperature, True, z1.device), backend)
+    return reduce_loss(losses, reduction)
 
 
-def _cross(query, key, scale, both, reduction, backend):
-    row_loss, col_loss, _, _ = _ops.cross_fwd(query, key, scale, both, backend)
+def _cross(query, key, scale, both, normalize, reduction, backend):
+    row_loss, col_loss, _, _ = ops.cross_fwd(query, key, scale, both, normalize, backend)
     per_row = 0.5 * (row_loss + col_loss) if both else row_loss
-    return reference.reduce_loss(per_row, reduction)
+    return reduce_loss(per_row, reduction)
 
 
 def info_nce(
@@ -58,7 +52,8 @@ def info_nce(
     backend = _dispatch.resolve(backend, query.device, query.dtype, query.shape[1])
     if backend == "torch":
         return reference.info_nce(query, key, temperature, symmetric=symmetric, reduction=reduction)
-    return _cross(query, key, _scale_tensor(temperature, True, query.device), bool(symmetric), reduction, backend)
+    scale = scale_tensor(temperature, True, query.device)
+    return _cross(query, key, scale, bool(symmetric), True, reduction, backend)
 
 
 def clip_loss(
@@ -79,8 +74,8 @@ def clip_loss(
         backend = "torch"
     if backend == "torch":
         return reference.clip_loss(image_features, text_features, logit_scale, normalize=normalize)
-    scale = _scale_tensor(logit_scale, False, image_features.device)
-    return _cross(image_features, text_features, scale, True, "mean", backend)
+    scale = scale_tensor(logit_scale, False, image_features.device)
+    return _cross(image_features, text_features, scale, True, normalize, "mean", backend)
 
 
 class NTXentLoss(nn.Module):

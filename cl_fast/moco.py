@@ -3,20 +3,15 @@
 Semantics are SPEC.md's (moco_loss, queue_update_). The queue is (K, D), one stored key per ROW
 (MoCo's own buffer is its transpose), used as stored: it holds already-normalised keys.
 
-The fused backends never build the N x (1 + K) logits. Their forward walks the queue in tiles
-with an online log-sum-exp and, when a gradient is wanted, also accumulates o_i = sum_j P_ij w_j
-(flash attention's P @ V); since the upstream gradient is one scalar per row, the forward can then
-return the whole gradient direction e (N, D) and the temperature term c (N,), and the backward
-is dq = (g s)[:, None] * e, dL/ds = sum g c: O(N D), no second pass over the queue, no N x K
-buffer (triton_kernels/moco.py and csrc/cpu/moco_cpu.cpp hold the math). The queue is not saved
-for backward, so enqueueing into it between the loss and its backward is fine (MoCo's order).
+The fused backends never build the N x (1 + K) logits; the custom ops, their autograd and the
+math of the O(N D) backward are in cl_fast/_ops/moco.py.
 
-Backends: "torch" (reference.moco_loss / reference.queue_update_), "cpu" (cl_fast._C ops
-cl_fast_C::moco_fwd and cl_fast_C::moco_queue_update_), "triton" (CUDA tensors, or CPU tensors
-under TRITON_INTERPRET=1). There is no CUDA C++ kernel: on a GPU, "auto" runs "triton". Every
-fused backend provides
+Backends: "torch" (reference.moco_loss / reference.queue_update_), "cpu" / "cuda" (cl_fast._C ops
+cl_fast_C::moco_fwd and cl_fast_C::moco_queue_update_, through cl_fast._native; "cuda" where the
+extension was built with CUDA kernels for MoCo), "triton" (CUDA tensors, or CPU tensors under
+TRITON_INTERPRET=1). Every fused backend provides
 
-    moco_fwd(q, k, queue, scale: float, need_grad: bool) -> (loss (N,), e (N, D) or (0, D), c (N,) or (0,))
+    moco_fwd(q, k, queue, scale: 0-d fp32 tensor, need_grad: bool) -> (loss (N,), e (N, D) or (0, D), c (N,) or (0,))
     queue_update_(queue, keys, ptr: 0-d integer tensor on queue's device) -> None  (ptr advanced in place)
 """
 from __future__ import annotations
@@ -28,67 +23,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import _checks, _dispatch, _ops, reference
-from .losses import _scale_tensor
+from . import _checks, _dispatch, reference
+from ._ops import moco as ops
+from ._ops import reduce_loss, scale_tensor
 
 __all__ = ["moco_loss", "queue_update_", "MoCoQueue"]
 
 _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-# ------------------------------------------------------------------------------ custom ops
-def _moco_fwd_impl(
-    q: Tensor, k: Tensor, queue: Tensor, scale: Tensor, need_grad: bool, backend: str
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(loss (N,), e (N, D), c (N,)), fp32; e and c are empty ((0, D), (0,)) without need_grad."""
-    return tuple(
-        _dispatch.module(backend, "moco").moco_fwd(q.contiguous(), k.contiguous(), queue.contiguous(), float(scale.detach()), need_grad)
-    )
-
-
-moco_fwd = _ops.define("moco_fwd", _moco_fwd_impl)
-
-
-@moco_fwd.register_fake
-def _(q, k, queue, scale, need_grad, backend):
-    rows = q.shape[0] if need_grad else 0
-    f32 = dict(dtype=torch.float32)
-    return q.new_empty((q.shape[0],), **f32), q.new_empty((rows, q.shape[1]), **f32), q.new_empty((rows,), **f32)
-
-
-def _moco_setup(ctx, inputs, output):
-    q, _k, _queue, scale, need_grad, _backend = inputs
-    _, e, c = output
-    ctx.save_for_backward(e, c, scale)
-    ctx.need_grad, ctx.q_dtype = need_grad, q.dtype
-    ctx.mark_non_differentiable(e, c)
-
-
-def _moco_backward(ctx, grad_loss, _grad_e, _grad_c):
-    if not ctx.need_grad:
-        raise RuntimeError(
-            "moco_loss ran its forward without gradient tracking (need_grad=False); "
-            "call it with grad enabled and q (or the temperature) requiring grad"
-        )
-    e, c, scale = ctx.saved_tensors
-    g = grad_loss.to(torch.float32)
-    dq = ((g * scale)[:, None] * e).to(ctx.q_dtype)
-    dscale = (g * c).sum().to(scale.dtype)
-    return dq, None, None, dscale, None, None
-
-
-moco_fwd.register_autograd(_moco_backward, setup_context=_moco_setup)
-
-
-@torch.library.custom_op("cl_fast::queue_update_", mutates_args=("queue", "ptr"))
-def _queue_update_op(queue: Tensor, keys: Tensor, ptr: Tensor, backend: str) -> None:
-    """queue[(ptr + b) % K] = n(keys_b) (queue's dtype); ptr <- (ptr + B) % K. Both in place."""
-    _dispatch.module(backend, "moco").queue_update_(queue, keys.contiguous(), ptr)
-
-
-@_queue_update_op.register_fake
-def _(queue, keys, ptr, backend):
-    return None
 
 
 # ------------------------------------------------------------------------------ input checks
@@ -152,10 +93,10 @@ def moco_loss(
     backend = _dispatch.resolve(backend, q.device, dtype, op="moco")
     if backend == "torch":
         return reference.moco_loss(q, k, queue, temperature, reduction=reduction)
-    scale = _scale_tensor(temperature, True, q.device)
+    scale = scale_tensor(temperature, True, q.device)
     need_grad = torch.is_grad_enabled() and (q.requires_grad or scale.requires_grad)
-    loss, _, _ = moco_fwd(q, k, queue, scale, need_grad, backend)
-    return reference.reduce_loss(loss, reduction)
+    loss, _, _ = ops.moco_fwd(q, k, queue, scale, need_grad, backend)
+    return reduce_loss(loss, reduction)
 
 
 def queue_update_(queue: Tensor, keys: Tensor, ptr, *, backend: str = "auto"):
@@ -173,10 +114,10 @@ def queue_update_(queue: Tensor, keys: Tensor, ptr, *, backend: str = "auto"):
     if backend == "torch":
         return reference.queue_update_(queue, keys, ptr)
     if isinstance(ptr, Tensor):
-        _queue_update_op(queue, keys, ptr, backend)
+        ops.queue_update_(queue, keys, ptr, backend)
         return ptr
     ptr_tensor = torch.full((), ptr, dtype=torch.int64, device=queue.device)  # a fill: no host copy
-    _queue_update_op(queue, keys, ptr_tensor, backend)
+    ops.queue_update_(queue, keys, ptr_tensor, backend)
     return (ptr + keys.shape[0]) % queue.shape[0]
 
 

@@ -4,12 +4,13 @@
 domain so that it is finite for any finite scores, fp32 output, no gradient (the codes are
 targets; SwAV runs it under no_grad). The fused backends never build a (B, K) intermediate: they
 keep the two scaling vectors and re-read the scores once per iteration (see
-triton_kernels/sinkhorn.py and csrc/cpu/sinkhorn_cpu.cpp for the recurrence).
+triton_kernels/sinkhorn.py and csrc/cpu/sinkhorn.cpp for the recurrence).
 
 Backends. "torch" is `reference.sinkhorn` (log domain, eager, one (B, K) tensor per step);
-"cpu" is the C++ kernel in cl_fast._C (ops cl_fast_C::sinkhorn*); "triton" runs on CUDA tensors
-(and on CPU tensors under TRITON_INTERPRET=1). There is no CUDA C++ kernel: on a GPU, "auto"
-picks "triton". Every fused backend has the same three functions:
+"cpu" / "cuda" are the C++ / CUDA kernels in cl_fast._C (ops cl_fast_C::sinkhorn*, through
+cl_fast._native; "cuda" where built); "triton" runs on CUDA tensors (and on CPU tensors under
+TRITON_INTERPRET=1). The custom ops: cl_fast/_ops/sinkhorn.py. Every fused backend has the same
+three functions:
 
     sinkhorn(scores, inv_eps, iterations) -> (B, K) fp32        the fused single-process op
     sinkhorn_col_lse(scores, inv_eps, f or None) -> (col_max (K,), col_sum (K,))
@@ -32,52 +33,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import _checks, _dispatch, _ops, reference
+from . import _checks, _dispatch, reference
+from ._ops import sinkhorn as ops
 
 __all__ = ["sinkhorn", "swav_loss", "SwAVLoss", "SwaVLoss"]
-
-
-# ------------------------------------------------------------------------------ custom ops
-def _sinkhorn_impl(scores: Tensor, epsilon: float, iterations: int, backend: str) -> Tensor:
-    """The fused single-process assignment, (B, K) fp32."""
-    return _dispatch.module(backend, "sinkhorn").sinkhorn(scores.contiguous(), 1.0 / epsilon, iterations)
-
-
-_sinkhorn_op = _ops.define("sinkhorn", _sinkhorn_impl)
-
-
-@_sinkhorn_op.register_fake
-def _(scores, epsilon, iterations, backend):
-    return scores.new_empty(scores.shape, dtype=torch.float32)
-
-
-def _col_lse_impl(scores: Tensor, epsilon: float, f: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor]:
-    """Per-prototype (max, sum exp(. - max)) of scores / eps + g over this process's rows,
-    g_b = -lse_k(scores_bk / eps + f_k) (g = 0 without f)."""
-    f = None if f is None else f.contiguous()
-    return tuple(_dispatch.module(backend, "sinkhorn").sinkhorn_col_lse(scores.contiguous(), 1.0 / epsilon, f))
-
-
-_col_lse_op = _ops.define("sinkhorn_col_lse", _col_lse_impl)
-
-
-@_col_lse_op.register_fake
-def _(scores, epsilon, f, backend):
-    protos = scores.shape[1:]
-    return scores.new_empty(protos, dtype=torch.float32), scores.new_empty(protos, dtype=torch.float32)
-
-
-def _assign_impl(scores: Tensor, epsilon: float, f: Tensor, backend: str) -> Tensor:
-    """softmax_k(scores / eps + f), (B, K) fp32."""
-    return _dispatch.module(backend, "sinkhorn").sinkhorn_assign(scores.contiguous(), 1.0 / epsilon, f.contiguous())
-
-
-_assign_op = _ops.define("sinkhorn_assign", _assign_impl)
-
-
-@_assign_op.register_fake
-def _(scores, epsilon, f, backend):
-    return scores.new_empty(scores.shape, dtype=torch.float32)
 
 
 def _all_reduce_lse(col_max: Tensor, col_sum: Tensor, group) -> Tensor:
@@ -93,9 +52,9 @@ def _all_reduce_lse(col_max: Tensor, col_sum: Tensor, group) -> Tensor:
 def _distributed_sinkhorn(scores: Tensor, epsilon: float, iterations: int, group, backend: str) -> Tensor:
     f = None
     for _ in range(iterations):
-        col_max, col_sum = _col_lse_op(scores, epsilon, f, backend)
+        col_max, col_sum = ops.sinkhorn_col_lse(scores, epsilon, f, backend)
         f = -_all_reduce_lse(col_max, col_sum, group)
-    return _assign_op(scores, epsilon, f, backend)
+    return ops.sinkhorn_assign(scores, epsilon, f, backend)
 
 
 # ------------------------------------------------------------------------------ input checks
@@ -143,7 +102,7 @@ def sinkhorn(
     if backend == "torch" or iterations == 0:
         return reference.sinkhorn(scores, epsilon, iterations, group=group)
     if group is None:
-        return _sinkhorn_op(scores, epsilon, int(iterations), backend)
+        return ops.sinkhorn(scores, epsilon, int(iterations), backend)
     return _distributed_sinkhorn(scores, epsilon, int(iterations), group, backend)
 
 

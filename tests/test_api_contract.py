@@ -194,13 +194,105 @@ def test_opcheck(backend, gen):
     scale = torch.tensor(2.0, device=DEVICE, requires_grad=True)
     torch.library.opcheck(torch.ops.cl_fast.ntxent_fwd.default, (a, b, scale, backend))
     for both in (False, True):
-        torch.library.opcheck(torch.ops.cl_fast.cross_fwd.default, (a, b, scale, both, backend))
+        torch.library.opcheck(torch.ops.cl_fast.cross_fwd.default, (a, b, scale, both, True, backend))
     with torch.no_grad():
         _, lse = torch.ops.cl_fast.ntxent_fwd(a, b, scale, backend)
-        _, _, row_lse, col_lse = torch.ops.cl_fast.cross_fwd(a, b, scale, True, backend)
+        _, _, row_lse, col_lse = torch.ops.cl_fast.cross_fwd(a, b, scale, True, True, backend)
     grad = torch.rand(20, device=DEVICE)
     torch.library.opcheck(torch.ops.cl_fast.ntxent_bwd.default, (grad, a.detach(), b.detach(), scale.detach(), lse, backend))
     g = torch.rand(10, device=DEVICE)
     torch.library.opcheck(
-        torch.ops.cl_fast.cross_bwd.default, (g, g, a.detach(), b.detach(), scale.detach(), row_lse, col_lse, True, backend)
+        torch.ops.cl_fast.cross_bwd.default, (g, g, a.detach(), b.detach(), scale.detach(), row_lse, col_lse, True, True, backend)
     )
+
+
+# ---------------------------------------------------------------- the C++ op layer (cl_fast_C)
+def _native():
+    native = _dispatch.module("cpu", "infonce")
+    if native is None:
+        pytest.skip("needs cl_fast._C built")
+    return native
+
+
+def test_cuda_listed_only_where_built():
+    native = _native()
+    for family in _dispatch._MODULES:
+        built = torch.cuda.is_available() and native.has_kernels(family, "cuda")
+        assert ("cuda" in cl_fast.backends(family)) == built, family
+
+
+def _native_cases(gen):
+    """(op, args) for every cl_fast_C op, on small CPU tensors."""
+    n, d = 7, 12
+    a, b = torch.randn(n, d, generator=gen), torch.randn(n, d, generator=gen)
+    scale = torch.tensor(2.5)
+    ops = torch.ops.cl_fast_C
+    _, lse = ops.ntxent_fwd(a, b, scale)
+    _, _, row_lse, col_lse = ops.cross_fwd(a, b, scale, True, True)
+    queue = torch.nn.functional.normalize(torch.randn(9, d, generator=gen), dim=1)
+    _, stats = ops.byol_fwd(a, b)
+    scores = torch.randn(n, 5, generator=gen)
+    f = torch.randn(5, generator=gen)
+    grad = torch.rand(n, generator=gen)
+    return [
+        (ops.ntxent_fwd.default, (a, b, scale)),
+        (ops.ntxent_bwd.default, (torch.rand(2 * n, generator=gen), a, b, scale, lse)),
+        (ops.cross_fwd.default, (a, b, scale, True, True)),
+        (ops.cross_fwd.default, (a, b, scale, False, True)),
+        (ops.cross_bwd.default, (grad, grad, a, b, scale, row_lse, col_lse, True, True)),
+        (ops.moco_fwd.default, (a, b, queue, scale, True, 2)),
+        (ops.moco_fwd.default, (a, b, queue, scale, False, 0)),
+        (ops.moco_queue_update_.default, (queue.clone(), a[:4], torch.tensor(7))),
+        (ops.byol_fwd.default, (a, b)),
+        (ops.byol_bwd.default, (grad, a, b, stats, True)),
+        (ops.byol_bwd.default, (grad, a, b, stats, False)),
+        (ops.sinkhorn.default, (scores, 20.0, 3)),
+        (ops.sinkhorn_col_lse.default, (scores, 20.0, None)),
+        (ops.sinkhorn_col_lse.default, (scores, 20.0, f)),
+        (ops.sinkhorn_assign.default, (scores, 20.0, f)),
+    ]
+
+
+def test_native_ops_opcheck(gen):
+    """Every cl_fast_C op with a CPU kernel: schema, Meta kernel and fake tensors agree (opcheck)."""
+    _native()
+    for op, args in _native_cases(gen):
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+NATIVE_BAD_SCALES = [
+    (torch.tensor([2.0]), ValueError, "scale .* 0-d"),
+    (torch.tensor(2.0, dtype=torch.float64), TypeError, "scale .* float32"),
+    (torch.tensor(-2.0), ValueError, "scale .* > 0"),
+    (torch.tensor(math.nan), ValueError, "scale .* finite"),
+    (torch.tensor(2.0, device="meta"), ValueError, "scale .* device"),
+]
+
+
+@pytest.mark.parametrize("scale,error,match", NATIVE_BAD_SCALES, ids=["1-d", "float64", "negative", "nan", "device"])
+def test_native_checks_name_the_scale(scale, error, match, gen):
+    _native()
+    a, b = torch.randn(4, 8, generator=gen), torch.randn(4, 8, generator=gen)
+    with pytest.raises(error, match=match):
+        torch.ops.cl_fast_C.ntxent_fwd(a, b, scale)
+    with pytest.raises(error, match=match):
+        torch.ops.cl_fast_C.moco_fwd(a, b, b, scale, False)
+
+
+def test_native_checks_name_the_argument(gen):
+    _native()
+    ops = torch.ops.cl_fast_C
+    a = torch.randn(4, 8, generator=gen)
+    s = torch.tensor(1.0)
+    with pytest.raises(ValueError, match="k \\(key / text features\\) must have the same"):
+        ops.cross_fwd(a, torch.randn(5, 8, generator=gen), s, True, True)
+    with pytest.raises(ValueError, match="queue must hold keys of D=8"):
+        ops.moco_fwd(a, a, torch.randn(3, 9, generator=gen), s, False)
+    with pytest.raises(TypeError, match="ptr must be an integer"):
+        ops.moco_queue_update_(a.clone(), a[:2], torch.tensor(1.0))
+    with pytest.raises(ValueError, match="stats .* shape"):
+        ops.byol_bwd(torch.rand(4), a, a, torch.rand(4, 2), False)
+    with pytest.raises(ValueError, match="iterations must be >= 1"):
+        ops.sinkhorn(a, 20.0, 0)
+    with pytest.raises(ValueError, match="f \\(the per-prototype log scaling\\)"):
+        ops.sinkhorn_assign(a, 20.0, torch.zeros(3))

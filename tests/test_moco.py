@@ -105,6 +105,23 @@ def test_tiny_loss_keeps_relative_precision(backend, gen):
     check_against_float64(backend, q, k, queue, 0.1, "none", gen)
 
 
+@pytest.mark.parametrize("backend", FUSED)  # the fp32 reference (F.normalize) overflows here
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda t: str(t)[6:])
+def test_huge_rows_normalise_without_overflow(backend, dtype, gen):
+    """Rows of |x| ~ 1e30 (their squares overflow fp32) give the loss of the unscaled rows, and the
+    gradient of q scaled by 1e-30: the norms are taken on the rows divided by their max |x|."""
+    q, k = randn(9, 40, generator=gen), randn(9, 40, generator=gen)
+    queue = unit_queue(33, 40, generator=gen)
+    q_big = (q * 1e30).to(dtype).requires_grad_()
+    q_ref = (q_big.detach().double() * 1e-30).requires_grad_()  # the same rows, exactly, unscaled
+    loss = moco_loss(q_big, (k * 1e30).to(dtype), queue, 0.2, backend=backend)
+    expected = reference.moco_loss(q_ref, k.double(), queue.double(), 0.2)
+    loss.backward()
+    expected.backward()
+    assert rel_err(loss, expected) < RTOL[dtype]
+    assert rel_err(q_big.grad.double() * 1e30, q_ref.grad) < RTOL[dtype]
+
+
 @pytest.mark.parametrize("backend", FUSED)
 def test_moco_loss_zero_query_row_uses_clamped_norm(backend, gen):
     """A zero (or tiny) query has n(q) = q / eps: the gradient takes the clamped branch."""
@@ -124,7 +141,7 @@ def test_triton_split_merge_and_d_chunks(splits, block_d, n, d, size, gen):
     from triton_kernels import moco as triton_moco
 
     q, k, queue = randn(n, d, generator=gen), randn(n, d, generator=gen), unit_queue(size, d, generator=gen)
-    loss, e, c = triton_moco.moco_fwd(q, k, queue, 1 / 0.3, True, splits=splits, block_d=block_d)
+    loss, e, c = triton_moco.moco_fwd(q, k, queue, torch.tensor(1 / 0.3, device=q.device), True, splits=splits, block_d=block_d)
     _check_directions(q, k, queue, 0.3, loss, e, c)
 
 
@@ -133,7 +150,7 @@ def test_cpu_split_merge(splits, gen):
     if "cpu" not in cl_fast.backends() or DEVICE.type != "cpu":
         pytest.skip("backend 'cpu' needs cl_fast._C built and CPU tensors")
     q, k, queue = randn(150, 24, generator=gen), randn(150, 24, generator=gen), unit_queue(1500, 24, generator=gen)
-    loss, e, c = torch.ops.cl_fast_C.moco_fwd(q, k, queue, 1 / 0.3, True, splits)
+    loss, e, c = torch.ops.cl_fast_C.moco_fwd(q, k, queue, torch.tensor(1 / 0.3), True, splits)
     _check_directions(q, k, queue, 0.3, loss, e, c)
 
 
@@ -229,7 +246,7 @@ BAD_LOSS_CALLS = [
     ("string temperature", lambda: moco_loss(*_qkq(), "0.07"), TypeError, "temperature"),
     ("bad reduction", lambda: moco_loss(*_qkq(), reduction="avg"), ValueError, "reduction"),
     ("bad backend", lambda: moco_loss(*_qkq(), backend="fast"), ValueError, "backend"),
-    ("no cuda kernel", lambda: moco_loss(*_qkq(), backend="cuda"), ValueError, "triton"),
+    ("cuda on cpu tensors", lambda: moco_loss(*_qkq(), backend="cuda"), ValueError, "backend=.cuda."),
 ]
 
 
@@ -284,6 +301,24 @@ def test_queue_update_writes_normalised_keys_with_wraparound(backend, queue_dtyp
     # one rounding step of the queue's dtype between the kernels and the loop above
     ulp = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}[queue_dtype]
     torch.testing.assert_close(queue.float(), expected.float(), rtol=0, atol=ulp)
+
+
+# (K, B, first key row, ptr): keys = queue[first : first + B], written at ptr (overlapping the keys)
+ALIAS_CASES = [(40, 40, 0, 5), (40, 32, 0, 16), (40, 16, 3, 0), (10, 7, 2, 6), (12, 5, 4, 6)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("size,batch,first,start", ALIAS_CASES, ids=[f"K{k}-B{b}-keys{f}-ptr{p}" for k, b, f, p in ALIAS_CASES])
+def test_queue_update_keys_viewing_the_queue(backend, size, batch, first, start, gen):
+    """keys a view of queue rows the enqueue overwrites: the result is as if every key was read
+    first (issue 11: Triton wrote 16 of 40 rows wrong at B = 40)."""
+    queue = randn(size, 19, generator=gen) * 3.0  # not unit rows, so a re-normalised row is visible
+    keys = queue[first : first + batch]
+    expected, expected_ptr = _ring_model(queue.clone(), keys.clone(), start)
+    ptr = torch.tensor(start, device=DEVICE)
+    queue_update_(queue, keys, ptr, backend=backend)
+    assert int(ptr) == expected_ptr
+    torch.testing.assert_close(queue, expected, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

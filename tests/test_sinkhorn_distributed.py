@@ -39,7 +39,7 @@ def _runnable(backend: str) -> str | None:
     if backend == "triton" and not (_dispatch.triton_interpreted() or torch.cuda.is_available()):
         return "needs triton with a CUDA GPU or TRITON_INTERPRET=1"
     if backend not in cl_fast.backends("sinkhorn", _device_for(backend)):
-        return "is not available here" if backend == "triton" else "needs cl_fast._C built with sinkhorn_cpu.cpp"
+        return "is not available here" if backend == "triton" else "needs cl_fast._C built with csrc/cpu/sinkhorn.cpp"
     return None
 
 

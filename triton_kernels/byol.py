@@ -1,12 +1,17 @@
 """BYOL's regression loss in Triton: loss_i = 2 - 2 cos(p_i, z_i) = ||n(p_i) - n(z_i)||^2.
 
 Row kernels over blocks of rows, looping over D (any D):
-1. `_byol_fwd_kernel`: ||p_i||, ||z_i|| and p_i . z_i in one read of the rows (fp32 sums);
-   writes loss_i and stats_i = (||p_i||, ||z_i||, cos_i), the three numbers the backward needs.
-2. `_byol_bwd_kernel`, upstream g_i, r = 1 / max(||.||, eps):
-       dp_i = -2 g_i r_p (r_z z_i - cos_i r_p p_i)      (the second term only when ||p_i|| > eps:
-       dz_i = -2 g_i r_z (r_p p_i - cos_i r_z z_i)       a clamped norm makes n(x) = x / eps linear)
-   in the input dtype; dz only when NEED_DZ.
+1. `_byol_fwd_kernel`: ||p_i||, ||z_i|| and p_i . z_i in one read of the rows, on the rows scaled
+   by their running max |x| (so no square overflows for any finite input, as torch.linalg.vector_norm
+   scales): with a = max_d |p_id| so far, the sum S = sum (p_id / a)^2 is rescaled by (a / a')^2
+   when a chunk raises the max to a'; likewise the cross sum by (a_p a_z) / (a_p' a_z').
+   ||p|| = a_p sqrt(S_p) and cos = S_pz (a_p r_p) (a_z r_z), where a r <= 1 always.
+   Writes loss_i and stats_i = (||p_i||, ||z_i||, cos_i), the three numbers the backward needs.
+2. `_byol_bwd_kernel`, upstream g_i, r = 1 / max(||.||, eps), u = r_p p, v = r_z z:
+       dp_i = -2 g_i r_p (v_i - cos_i u_i)      (the u term only when ||p_i|| > eps:
+       dz_i = -2 g_i r_z (u_i - cos_i v_i)       a clamped norm makes n(x) = x / eps linear)
+   u and v are formed first (r_p r_z alone can underflow for large rows); in the input dtype;
+   dz only when NEED_DZ.
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["byol_fwd", "byol_bwd", "MAX_DIM"]
+__all__ = ["byol_fwd", "byol_bwd", "MAX_DIM", "sm90_specs"]
 
 MAX_DIM = None  # the D loop has no limit
 
@@ -32,7 +37,9 @@ def _byol_fwd_kernel(p_ptr, z_ptr, loss_ptr, stats_ptr, N, D: tl.constexpr, BLOC
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < N
     base = rows.to(tl.int64) * D
-    pp = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    a_p = tl.zeros((BLOCK_M,), dtype=tl.float32)  # running max |p|, |z|
+    a_z = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    pp = tl.zeros((BLOCK_M,), dtype=tl.float32)   # sum (p / a_p)^2, (z / a_z)^2, (p / a_p)(z / a_z)
     zz = tl.zeros((BLOCK_M,), dtype=tl.float32)
     pz = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
@@ -40,12 +47,21 @@ def _byol_fwd_kernel(p_ptr, z_ptr, loss_ptr, stats_ptr, N, D: tl.constexpr, BLOC
         mask = row_mask[:, None] & (cols < D)[None, :]
         p = tl.load(p_ptr + base[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         z = tl.load(z_ptr + base[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        pp += tl.sum(p * p, 1)
-        zz += tl.sum(z * z, 1)
-        pz += tl.sum(p * z, 1)
-    norm_p = tl.sqrt_rn(pp)
-    norm_z = tl.sqrt_rn(zz)
-    cos = pz / (tl.maximum(norm_p, _EPS) * tl.maximum(norm_z, _EPS))
+        new_a_p = tl.maximum(a_p, tl.max(tl.abs(p), 1))
+        new_a_z = tl.maximum(a_z, tl.max(tl.abs(z), 1))
+        ratio_p = tl.where(new_a_p > 0, a_p / tl.where(new_a_p > 0, new_a_p, 1.0), 0.0)
+        ratio_z = tl.where(new_a_z > 0, a_z / tl.where(new_a_z > 0, new_a_z, 1.0), 0.0)
+        # divisions, not reciprocals: 1 / a overflows for a subnormal a
+        p = p / tl.where(new_a_p > 0, new_a_p, 1.0)[:, None]
+        z = z / tl.where(new_a_z > 0, new_a_z, 1.0)[:, None]
+        pp = pp * ratio_p * ratio_p + tl.sum(p * p, 1)
+        zz = zz * ratio_z * ratio_z + tl.sum(z * z, 1)
+        pz = pz * ratio_p * ratio_z + tl.sum(p * z, 1)
+        a_p = new_a_p
+        a_z = new_a_z
+    norm_p = a_p * tl.sqrt_rn(pp)
+    norm_z = a_z * tl.sqrt_rn(zz)
+    cos = pz * (a_p / tl.maximum(norm_p, _EPS)) * (a_z / tl.maximum(norm_z, _EPS))
     tl.store(loss_ptr + rows, 2.0 - 2.0 * cos, mask=row_mask)
     stat = rows.to(tl.int64) * 3
     tl.store(stats_ptr + stat, norm_p, mask=row_mask)
@@ -66,20 +82,21 @@ def _byol_bwd_kernel(grad_ptr, p_ptr, z_ptr, stats_ptr, dp_ptr, dz_ptr, N, D: tl
     g = tl.load(grad_ptr + rows, mask=row_mask, other=0.0)
     r_p = 1.0 / tl.maximum(norm_p, _EPS)
     r_z = 1.0 / tl.maximum(norm_z, _EPS)
-    # dp = a_p z + b_p p, dz = a_z p + b_z z
-    a = -2.0 * g * r_p * r_z
-    b_p = tl.where(norm_p > _EPS, 2.0 * g * cos * r_p * r_p, 0.0)
-    b_z = tl.where(norm_z > _EPS, 2.0 * g * cos * r_z * r_z, 0.0)
+    # dp = c_p (v - cos_p u), dz = c_z (u - cos_z v), cos_x = 0 where x's norm is clamped
+    c_p = -2.0 * g * r_p
+    c_z = -2.0 * g * r_z
+    cos_p = tl.where(norm_p > _EPS, cos, 0.0)
+    cos_z = tl.where(norm_z > _EPS, cos, 0.0)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         mask = row_mask[:, None] & (cols < D)[None, :]
         offs = base[:, None] + cols[None, :]
-        p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        dp = a[:, None] * z + b_p[:, None] * p
+        u = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32) * r_p[:, None]
+        v = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32) * r_z[:, None]
+        dp = c_p[:, None] * (v - cos_p[:, None] * u)
         tl.store(dp_ptr + offs, dp.to(dp_ptr.dtype.element_ty), mask=mask)
         if NEED_DZ:
-            dz = a[:, None] * p + b_z[:, None] * z
+            dz = c_z[:, None] * (u - cos_z[:, None] * v)
             tl.store(dz_ptr + offs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
 
 
@@ -112,3 +129,26 @@ def byol_bwd(grad: torch.Tensor, p: torch.Tensor, z: torch.Tensor, stats: torch.
         NEED_DZ=bool(need_dz), BLOCK_M=block_m, BLOCK_D=block_d,
     )
     return dp, dz
+
+
+def sm90_specs():
+    """Offline sm_90 compile specs (benchmarks/ptx_table.py, tests/test_triton_sm90.py): the forward
+    and the backward (with and without dz) at BYOL's projection width D = 256, bf16, the GPU block
+    sizes of _blocks. Dicts with name, fn, signature, constexprs, num_warps, num_stages, config,
+    no_atomics."""
+    D = 256
+    block_m, block_d = 16, min(256, max(16, triton.next_power_of_2(D)))
+    fwd_signature = {"p_ptr": "*bf16", "z_ptr": "*bf16", "loss_ptr": "*fp32", "stats_ptr": "*fp32", "N": "i32"}
+    bwd_signature = {"grad_ptr": "*fp32", "p_ptr": "*bf16", "z_ptr": "*bf16", "stats_ptr": "*fp32",
+                     "dp_ptr": "*bf16", "dz_ptr": "*bf16", "N": "i32"}
+    blocks = {"D": D, "BLOCK_M": block_m, "BLOCK_D": block_d}
+    config = f"BLOCK_M={block_m} BLOCK_D={block_d} w=4 s=3"
+    specs = [("byol_fwd[bf16,D=256]", _byol_fwd_kernel, fwd_signature, blocks, config)]
+    for need_dz in (False, True):
+        specs.append(("byol_bwd[bf16,D=256]", _byol_bwd_kernel, bwd_signature, dict(blocks, NEED_DZ=need_dz),
+                      f"NEED_DZ={need_dz} {config}"))
+    return [
+        dict(name=name, fn=fn, signature=dict(signature, **{key: "constexpr" for key in constexprs}),
+             constexprs=constexprs, num_warps=4, num_stages=3, config=config, no_atomics=True)
+        for name, fn, signature, constexprs, config in specs
+    ]

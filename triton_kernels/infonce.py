@@ -619,10 +619,17 @@ def ntxent_bwd(grad, z1, z2, scale, lse):
     return dz1, dz2, dscale
 
 
-def cross_fwd(q, k, scale, both):
+def _require_normalize(normalize):
+    if not normalize:
+        raise ValueError("normalize=False (features used as given) is not implemented by the Triton cross "
+                         "kernels yet; use normalize=True or the reference (backend='torch')")
+
+
+def cross_fwd(q, k, scale, both, normalize=True):
     """-> (row_loss (N,), col_loss (N,) or (0,), row_lse (N,), col_lse (N,) or (0,)), fp32."""
     N, D = q.shape
     _check_d(D)
+    _require_normalize(normalize)
     scale = float(scale)
     both = bool(both)
     fixed = _fixed_shift(scale)
@@ -643,10 +650,11 @@ def cross_fwd(q, k, scale, both):
     return row_loss, col_loss, row_lse, col_lse
 
 
-def cross_bwd(grad_row, grad_col, q, k, scale, row_lse, col_lse, both):
+def cross_bwd(grad_row, grad_col, q, k, scale, row_lse, col_lse, both, normalize=True):
     """-> (dq, dk, dscale): input-dtype grads and dL/dscale (0-d fp32)."""
     N, D = q.shape
     _check_d(D)
+    _require_normalize(normalize)
     scale = float(scale)
     both = bool(both)
     grad_row = grad_row.to(torch.float32).contiguous()

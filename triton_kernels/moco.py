@@ -10,7 +10,10 @@ The gradient goes only into q. With P_ij = exp(l_ij - lse_i) and upstream g_i:
     dL/dq_i = s g_i e_i,  e_i = r_i (d_i - u_i c_i)   (r_i d_i when ||q_i|| <= eps, n(q) = q / eps)
 g_i is one scalar per row, so e and c do not depend on it: the forward accumulates o_i next to
 the log-sum-exp (flash attention's P @ V with V = the queue) and the backward is an O(N D)
-scaling done in cl_fast/moco.py. Nothing of size N x K is ever allocated or recomputed.
+scaling done in cl_fast/_ops/moco.py. Nothing of size N x K is ever allocated or recomputed.
+s arrives as a 0-d fp32 device tensor and is loaded by the kernels (no host sync). Row norms are
+taken on the rows divided by their max |x| (`_inv_norms`), so no square overflows for any finite
+input. No atomics anywhere: every program owns its output rows.
 
 Kernels, in the order a forward runs them:
 1. `_moco_tiles_kernel`, grid (row blocks, splits, D chunks of o): the queue is cut into `splits`
@@ -28,6 +31,8 @@ Extra memory: (splits, N) fp32 twice and (splits, N, D) fp32 when the gradient i
 
 `_enqueue_kernel`: queue[(ptr + b) mod K] = n(keys_b), cast to the queue's dtype, with ptr read
 on the device (a 0-d integer tensor: no host sync); the launcher then advances ptr in place.
+Keys that are a view of the queue are copied first (a program could otherwise read a key row
+another program already overwrote).
 """
 from __future__ import annotations
 
@@ -37,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["moco_fwd", "queue_update_", "MAX_DIM"]
+__all__ = ["moco_fwd", "queue_update_", "MAX_DIM", "sm90_specs"]
 
 # The D loops impose no limit on the feature dimension.
 MAX_DIM = None
@@ -60,11 +65,17 @@ _BLOCK_D_WIDE = 64
 _BLOCK_DV_WIDE = 128
 
 
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) of the queue-walk kernel's autotune configs on a GPU.
+# BLOCK_M = 128 spills registers on sm_90 at D = 128 with the gradient (the (BLOCK_M, D) query block
+# and the o accumulator both live in registers): 28-56 bytes of spill stores per thread in the
+# offline compile (ptxas -v), so the row block stays at 32-64 rows.
+_GPU_TILE_SHAPES = [(64, 64, 4, 3), (64, 128, 4, 3), (64, 64, 8, 3), (64, 128, 8, 3), (32, 64, 4, 4)]
+
+
 def _tile_configs():
     if _INTERPRET:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
-    shapes = [(64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (32, 64, 4, 4)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in _GPU_TILE_SHAPES]
 
 
 @triton.jit
@@ -80,23 +91,45 @@ def _dot(a, b, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _inv_norms(x_ptr, rows, row_mask, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """r_i = 1 / max(||x_i||, eps) for a block of rows (fp32)."""
-    base = rows.to(tl.int64) * D
+def _row_absmax(x_ptr, base, row_mask, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """a_i = max_d |x_id| for a block of rows (fp32; 0 for masked rows)."""
+    amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        x = tl.load(x_ptr + base[:, None] + cols[None, :], mask=row_mask[:, None] & (cols < D)[None, :], other=0.0)
+        amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), 1))
+    return amax
+
+
+@triton.jit
+def _scaled_sq_norms(x_ptr, base, row_mask, amax, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """sum_d (x_id / a_i)^2 in [1, D] (0 for a zero row): the squares cannot overflow, so
+    ||x_i|| = a_i sqrt(this) is exact to rounding for any finite row (torch.linalg.vector_norm's
+    scaling). A division, not a reciprocal: 1 / a_i overflows for a subnormal a_i."""
+    divisor = tl.where(amax > 0, amax, 1.0)
     sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         x = tl.load(x_ptr + base[:, None] + cols[None, :], mask=row_mask[:, None] & (cols < D)[None, :], other=0.0)
-        x = x.to(tl.float32)
+        x = x.to(tl.float32) / divisor[:, None]
         sq += tl.sum(x * x, 1)
-    return 1.0 / tl.maximum(tl.sqrt_rn(sq), _EPS)
+    return sq
+
+
+@triton.jit
+def _inv_norms(x_ptr, rows, row_mask, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """r_i = 1 / max(||x_i||, eps) for a block of rows (fp32), without overflow for any finite row."""
+    base = rows.to(tl.int64) * D
+    amax = _row_absmax(x_ptr, base, row_mask, D, BLOCK_M, BLOCK_D)
+    sq = _scaled_sq_norms(x_ptr, base, row_mask, amax, D, BLOCK_M, BLOCK_D)
+    return 1.0 / tl.maximum(amax * tl.sqrt_rn(sq), _EPS)
 
 
 @triton.autotune(configs=_tile_configs(), key=["D", "NEED_GRAD"])
 @triton.jit
 def _moco_tiles_kernel(
     q_ptr, queue_ptr, part_m_ptr, part_l_ptr, part_o_ptr,
-    N, K, scale, D: tl.constexpr, KEYS_PER_SPLIT: tl.constexpr,
+    N, K, scale_ptr, D: tl.constexpr, KEYS_PER_SPLIT: tl.constexpr,
     NEED_GRAD: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, SINGLE_CHUNK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -107,6 +140,7 @@ def _moco_tiles_kernel(
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < N
     q_base = rows.to(tl.int64) * D
+    scale = tl.load(scale_ptr)  # on the device: no host sync
     row_scale = scale * _inv_norms(q_ptr, rows, row_mask, D, BLOCK_M, BLOCK_D)  # s r_i
 
     dk = tl.arange(0, BLOCK_D)
@@ -181,7 +215,7 @@ def _merged_d(k_ptr, part_o_ptr, k_base, rows, row_mask, cols, col_mask, r_k, po
     """A (BLOCK_M, BLOCK_D) chunk of d = (P0 - 1) v + sum_s (exp(m_s - m) / L) o_s."""
     mask = row_mask[:, None] & col_mask[None, :]
     kk = tl.load(k_ptr + k_base[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    d = (pos_coef * r_k)[:, None] * kk
+    d = pos_coef[:, None] * (r_k[:, None] * kk)  # v = r_k k first: r_k * pos_coef may underflow
     for sp in range(0, SPLITS):
         stat = sp * N + rows
         weight = tl.exp(tl.load(part_m_ptr + stat, mask=row_mask, other=0.0) - m) * inv_L
@@ -193,27 +227,35 @@ def _merged_d(k_ptr, part_o_ptr, k_base, rows, row_mask, cols, col_mask, r_k, po
 @triton.jit
 def _moco_merge_kernel(
     q_ptr, k_ptr, part_m_ptr, part_l_ptr, part_o_ptr, loss_ptr, e_ptr, c_ptr,
-    N, scale, D: tl.constexpr, SPLITS: tl.constexpr,
+    N, scale_ptr, D: tl.constexpr, SPLITS: tl.constexpr,
     NEED_GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < N
     base = rows.to(tl.int64) * D
+    scale = tl.load(scale_ptr)
+    # Row norms and q.k on the rows scaled by their max |x| (no overflow of the squares):
+    # q' = q / a_q, k' = k / a_k, ||q|| = a_q ||q'||, and l0 = s n(q).n(k) = s (q'.k') (a_q r_q) (a_k r_k),
+    # where a r <= 1 always (a <= ||x||, and a <= ||x|| < eps where the norm is clamped).
+    a_q = _row_absmax(q_ptr, base, row_mask, D, BLOCK_M, BLOCK_D)
+    a_k = _row_absmax(k_ptr, base, row_mask, D, BLOCK_M, BLOCK_D)
+    div_q = tl.where(a_q > 0, a_q, 1.0)
+    div_k = tl.where(a_k > 0, a_k, 1.0)
     qq = tl.zeros((BLOCK_M,), dtype=tl.float32)
     kk = tl.zeros((BLOCK_M,), dtype=tl.float32)
     qk = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         mask = row_mask[:, None] & (cols < D)[None, :]
-        a = tl.load(q_ptr + base[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        b = tl.load(k_ptr + base[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        a = tl.load(q_ptr + base[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32) / div_q[:, None]
+        b = tl.load(k_ptr + base[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32) / div_k[:, None]
         qq += tl.sum(a * a, 1)
         kk += tl.sum(b * b, 1)
         qk += tl.sum(a * b, 1)
-    norm_q = tl.sqrt_rn(qq)
+    norm_q = a_q * tl.sqrt_rn(qq)
     r_q = 1.0 / tl.maximum(norm_q, _EPS)
-    r_k = 1.0 / tl.maximum(tl.sqrt_rn(kk), _EPS)
-    l0 = scale * qk * r_q * r_k
+    r_k = 1.0 / tl.maximum(a_k * tl.sqrt_rn(kk), _EPS)
+    l0 = scale * qk * (a_q * r_q) * (a_k * r_k)
 
     # m_neg = max_s m_s, m = max(l0, m_neg), L_neg = sum_s l_s exp(m_s - m), L = exp(l0 - m) + L_neg.
     # The loss lse - l0 is formed without cancelling against l0: log1p(L_neg) where the positive is
@@ -235,7 +277,7 @@ def _moco_merge_kernel(
     if NEED_GRAD:
         inv_L = 1.0 / L
         pos_coef = -L_neg * inv_L
-        # pass 1: c = u . d
+        # pass 1: c = u . d  (u = r_q q formed first: q itself may be huge)
         c = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
             cols = d0 + tl.arange(0, BLOCK_D)
@@ -243,7 +285,7 @@ def _moco_merge_kernel(
             d = _merged_d(k_ptr, part_o_ptr, base, rows, row_mask, cols, col_mask, r_k, pos_coef, m, inv_L,
                           part_m_ptr, N, D, SPLITS, BLOCK_M, BLOCK_D)
             a = tl.load(q_ptr + base[:, None] + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0)
-            c += tl.sum(a.to(tl.float32) * d, 1) * r_q
+            c += tl.sum((r_q[:, None] * a.to(tl.float32)) * d, 1)
         tl.store(c_ptr + rows, c, mask=row_mask)
         # pass 2: e = r (d - u c), or r d where the norm is clamped
         proj = tl.where(norm_q > _EPS, c, 0.0)
@@ -254,7 +296,7 @@ def _moco_merge_kernel(
             d = _merged_d(k_ptr, part_o_ptr, base, rows, row_mask, cols, col_mask, r_k, pos_coef, m, inv_L,
                           part_m_ptr, N, D, SPLITS, BLOCK_M, BLOCK_D)
             a = tl.load(q_ptr + base[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            e = r_q[:, None] * (d - (r_q * proj)[:, None] * a)
+            e = r_q[:, None] * (d - proj[:, None] * (r_q[:, None] * a))
             tl.store(e_ptr + base[:, None] + cols[None, :], e, mask=mask)
 
 
@@ -288,9 +330,11 @@ def _num_splits(N: int, K: int, device: torch.device) -> int:
     return max(1, min(triton.cdiv(2 * sms, row_blocks), triton.cdiv(K, 512)))
 
 
-def moco_fwd(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, scale: float, need_grad: bool,
+def moco_fwd(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, scale: torch.Tensor, need_grad: bool,
              splits: int | None = None, block_d: int | None = None):
     """-> (loss (N,), e (N, D) or (0, D), c (N,) or (0,)), fp32; see the module docstring.
+
+    `scale` is the 0-d fp32 tensor s on q's device; the kernels load it (no host sync).
 
     `splits` and `block_d` override the queue split count and the D chunk width (tests use them
     to reach the multi-split and multi-chunk paths at small sizes).
@@ -325,7 +369,7 @@ def moco_fwd(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, scale: float
     part_o = torch.empty((splits, N, D) if need_grad else (1,), **f32)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), splits, d_chunks)  # noqa: E731
     _moco_tiles_kernel[grid](
-        q, queue, part_m, part_l, part_o, N, K, float(scale), D=D, KEYS_PER_SPLIT=keys_per_split,
+        q, queue, part_m, part_l, part_o, N, K, scale, D=D, KEYS_PER_SPLIT=keys_per_split,
         NEED_GRAD=bool(need_grad), UPCAST=upcast, PRECISION=precision,
         BLOCK_D=block_d, BLOCK_DV=block_dv, SINGLE_CHUNK=single,
     )
@@ -336,10 +380,15 @@ def moco_fwd(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, scale: float
     merge_block_m = 16
     merge_block_d = 32 if _INTERPRET else min(128, max(16, triton.next_power_of_2(D)))
     _moco_merge_kernel[(triton.cdiv(N, merge_block_m),)](
-        q, k, part_m, part_l, part_o, loss, e, c, N, float(scale), D=D, SPLITS=splits,
+        q, k, part_m, part_l, part_o, loss, e, c, N, scale, D=D, SPLITS=splits,
         NEED_GRAD=bool(need_grad), BLOCK_M=merge_block_m, BLOCK_D=merge_block_d,
     )
     return loss, e, c
+
+
+def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a and b may overlap in memory (same storage; the byte ranges are not compared)."""
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() and a.numel() > 0
 
 
 def queue_update_(queue: torch.Tensor, keys: torch.Tensor, ptr: torch.Tensor) -> None:
@@ -351,7 +400,53 @@ def queue_update_(queue: torch.Tensor, keys: torch.Tensor, ptr: torch.Tensor) ->
     K, D = queue.shape
     B = keys.shape[0]
     keys = keys.contiguous()
+    if _shares_memory(keys, queue):
+        # keys read by one program may be queue rows another program is overwriting (keys a view
+        # of the queue): read them from a copy, as the sequential definition does.
+        keys = keys.clone()
     block_b = 16
     block_d = 32 if _INTERPRET else min(256, max(16, triton.next_power_of_2(D)))
     _enqueue_kernel[(triton.cdiv(B, block_b),)](queue, keys, ptr, B, K, D=D, BLOCK_B=block_b, BLOCK_D=block_d)
     ptr.add_(B).remainder_(K)
+
+
+# ---------------------------------------------------------------------------------------------
+# Offline compile specs (tests/test_triton_sm90.py compiles them for sm_90 without a GPU)
+# ---------------------------------------------------------------------------------------------
+def sm90_specs():
+    """One spec per kernel and GPU autotune config, at a representative MoCo shape: bf16 q and
+    queue, D = 128 (one D chunk: the query block stays in registers), gradient wanted, 4 splits
+    of 16384 keys. Dicts with name, fn (the @triton.jit function), signature (argument -> Triton
+    type), constexprs, num_warps, num_stages, config and no_atomics (benchmarks/ptx_table.py)."""
+    D = 128
+    tiles_signature = {
+        "q_ptr": "*bf16", "queue_ptr": "*bf16", "part_m_ptr": "*fp32", "part_l_ptr": "*fp32",
+        "part_o_ptr": "*fp32", "N": "i32", "K": "i32", "scale_ptr": "*fp32",
+    }
+    tiles_constexprs = {
+        "D": D, "KEYS_PER_SPLIT": 16384, "NEED_GRAD": True, "UPCAST": False, "PRECISION": "tf32",
+        "BLOCK_D": D, "BLOCK_DV": D, "SINGLE_CHUNK": True,
+    }
+    specs = []
+    for block_m, block_n, warps, stages in _GPU_TILE_SHAPES:
+        constexprs = dict(tiles_constexprs, BLOCK_M=block_m, BLOCK_N=block_n)
+        specs.append(_spec("moco_tiles[bf16,D=128]", _moco_tiles_kernel.fn, tiles_signature, constexprs, warps, stages,
+                           f"BLOCK_M={block_m} BLOCK_N={block_n} w={warps} s={stages}"))
+    merge_signature = {
+        "q_ptr": "*bf16", "k_ptr": "*bf16", "part_m_ptr": "*fp32", "part_l_ptr": "*fp32", "part_o_ptr": "*fp32",
+        "loss_ptr": "*fp32", "e_ptr": "*fp32", "c_ptr": "*fp32", "N": "i32", "scale_ptr": "*fp32",
+    }
+    merge_constexprs = {"D": D, "SPLITS": 4, "NEED_GRAD": True, "BLOCK_M": 16, "BLOCK_D": D}
+    specs.append(_spec("moco_merge[bf16,D=128]", _moco_merge_kernel, merge_signature, merge_constexprs, 4, 3,
+                       "BLOCK_M=16 BLOCK_D=128 SPLITS=4 w=4 s=3"))
+    enqueue_signature = {"queue_ptr": "*bf16", "keys_ptr": "*bf16", "ptr_ptr": "*i64", "B": "i32", "K": "i32"}
+    enqueue_constexprs = {"D": D, "BLOCK_B": 16, "BLOCK_D": D}
+    specs.append(_spec("moco_enqueue[bf16,D=128]", _enqueue_kernel, enqueue_signature, enqueue_constexprs, 4, 3,
+                       "BLOCK_B=16 BLOCK_D=128 w=4 s=3"))
+    return specs
+
+
+def _spec(name, fn, signature, constexprs, num_warps, num_stages, config):
+    signature = dict(signature, **{key: "constexpr" for key in constexprs})
+    return dict(name=name, fn=fn, signature=signature, constexprs=constexprs, num_warps=num_warps,
+                num_stages=num_stages, config=config, no_atomics=True)

@@ -24,7 +24,7 @@ Kernels, in the order one iteration runs them:
 3. After the last iteration, `_assign_kernel` (grid: row blocks): row lse of x + f, then a second
    sweep writes out = exp(x + f - lse) in fp32.
 
-Backend interface (the CPU kernels in csrc/cpu/sinkhorn_cpu.cpp have the same three):
+Backend interface (the CPU kernels in csrc/cpu/sinkhorn.cpp have the same three):
     sinkhorn(scores, inv_eps, iterations) -> out (B, K) fp32          (iterations >= 1)
     sinkhorn_col_lse(scores, inv_eps, f or None) -> (col_max (K,), col_sum (K,)), local rows
     sinkhorn_assign(scores, inv_eps, f) -> out (B, K) fp32
@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["sinkhorn", "sinkhorn_col_lse", "sinkhorn_assign"]
+__all__ = ["sinkhorn", "sinkhorn_col_lse", "sinkhorn_assign", "sm90_specs"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -50,14 +50,15 @@ _MERGE_BLOCK_K = 32 if _INTERPRET else 256
 _MERGE_BLOCK_P = 8 if _INTERPRET else 16
 
 
+# (BLOCK_K, num_warps) of the K-loop kernels' autotune configs on a GPU
+_GPU_K_TILES = ((128, 4), (256, 4), (256, 8), (512, 8), (1024, 8))
+
+
 def _configs():
     """K-tile width and warps: one small config under the interpreter, tuned on a GPU."""
     if _INTERPRET:
         return [triton.Config({"BLOCK_K": 32}, num_warps=4)]
-    return [
-        triton.Config({"BLOCK_K": block_k}, num_warps=warps)
-        for block_k, warps in ((128, 4), (256, 4), (256, 8), (512, 8), (1024, 8))
-    ]
+    return [triton.Config({"BLOCK_K": block_k}, num_warps=warps) for block_k, warps in _GPU_K_TILES]
 
 
 @triton.jit
@@ -201,3 +202,34 @@ def sinkhorn(scores, inv_eps, iterations):
     for _ in range(iterations):
         _, _, f = _column_step(scores, inv_eps, f)
     return sinkhorn_assign(scores, inv_eps, f)
+
+
+# ---------------------------------------------------------------------------------------------
+# Offline compile specs (tests/test_triton_sm90.py compiles them for sm_90 without a GPU)
+# ---------------------------------------------------------------------------------------------
+def sm90_specs():
+    """One spec per kernel and GPU autotune config at SwAV's size, K = 3000 prototypes, bf16 scores,
+    the column step with f (every iteration after the first). Dicts with name, fn (the
+    @triton.jit function), signature, constexprs, num_warps, num_stages (Triton's default 3),
+    config and no_atomics (benchmarks/ptx_table.py)."""
+    K = 3000
+    col_signature = {"scores_ptr": "*bf16", "f_ptr": "*fp32", "part_max_ptr": "*fp32", "part_sum_ptr": "*fp32",
+                     "B": "i32", "stride": "i32", "inv_eps": "fp32"}
+    assign_signature = {"scores_ptr": "*bf16", "f_ptr": "*fp32", "out_ptr": "*fp32", "B": "i32", "stride": "i32",
+                        "inv_eps": "fp32"}
+    merge_signature = {"part_max_ptr": "*fp32", "part_sum_ptr": "*fp32", "col_max_ptr": "*fp32",
+                       "col_sum_ptr": "*fp32", "f_ptr": "*fp32", "NUM_PARTS": "i32", "K": "i32"}
+    specs = []
+    for block_k, warps in _GPU_K_TILES:
+        specs.append(("sinkhorn_col_lse[bf16,K=3000]", _col_lse_kernel.fn, col_signature,
+                      {"K": K, "HAS_F": True, "BLOCK_B": 16, "BLOCK_K": block_k}, warps))
+        specs.append(("sinkhorn_assign[bf16,K=3000]", _assign_kernel.fn, assign_signature,
+                      {"K": K, "BLOCK_B": 16, "BLOCK_K": block_k}, warps))
+    specs.append(("sinkhorn_col_merge", _col_merge_kernel, merge_signature, {"BLOCK_P": 16, "BLOCK_K": 256}, 4))
+    return [
+        dict(name=name, fn=fn, signature=dict(signature, **{key: "constexpr" for key in constexprs}),
+             constexprs=constexprs, num_warps=warps, num_stages=3,
+             config=" ".join(f"{k}={v}" for k, v in constexprs.items() if k.startswith("BLOCK")) + f" w={warps} s=3",
+             no_atomics=True)
+        for name, fn, signature, constexprs, warps in specs
+    ]

@@ -1,6 +1,7 @@
 #pragma once
 // CPU launchers of the fused InfoNCE-family kernels: DESIGN.md's backend interface.
-// Inputs are validated by csrc/bindings.cpp before these run (shapes, dtypes, devices, scale).
+// Inputs are validated by csrc/ops.cpp's checks before these run (shapes, dtypes, devices, scale);
+// the registration at the end of infonce.cpp reads the 0-d CPU scale tensor into `scale`.
 #include <ATen/core/Tensor.h>
 
 #include <tuple>
@@ -26,8 +27,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_bwd(const at::Tensor& grad_
                                                          const at::Tensor& q, const at::Tensor& k, double scale,
                                                          const at::Tensor& row_lse, const at::Tensor& col_lse,
                                                          bool both, bool normalize);
-
-// Row-wise x / max(||x||_2, 1e-12), computed in fp32, returned in x's dtype.
-at::Tensor l2_normalize(const at::Tensor& x);
 
 }  // namespace cl_fast::cpu

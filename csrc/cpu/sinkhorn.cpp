@@ -46,6 +46,7 @@
 // The distributed path (cl_fast/swav.py) runs `sinkhorn_col_lse` (pass 1 with g from f, local
 // rows only) and all-reduces its (max, sum) before each prototype step, then `sinkhorn_assign`.
 #include "cpu_vec.h"
+#include "../ops.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -422,25 +423,9 @@ at::Tensor new_output(const at::Tensor& scores) {
     }                                                                              \
   }()
 
-at::Tensor check_scores(const at::Tensor& scores) {
-  TORCH_CHECK(scores.device().is_cpu(), "scores must be a CPU tensor, got ", scores.device());
-  TORCH_CHECK(scores.dim() == 2, "scores must be 2-D (B, K), got shape ", scores.sizes());
-  TORCH_CHECK(scores.scalar_type() == at::kFloat || scores.scalar_type() == at::kHalf ||
-                  scores.scalar_type() == at::kBFloat16,
-              "scores must be float32, float16 or bfloat16, got ", scores.scalar_type());
-  TORCH_CHECK(scores.size(0) >= 1 && scores.size(1) >= 1, "scores must be non-empty, got shape ", scores.sizes());
-  return scores.contiguous();
-}
-
-at::Tensor check_f(const at::Tensor& f, int64_t K) {
-  TORCH_CHECK(f.device().is_cpu() && f.scalar_type() == at::kFloat && f.dim() == 1 && f.size(0) == K,
-              "f must be a float32 CPU tensor of shape (", K, "), got ", f.scalar_type(), " ", f.sizes());
-  return f.contiguous();
-}
-
 at::Tensor sinkhorn_cpu(const at::Tensor& scores_in, double inv_eps, int64_t iterations) {
-  const at::Tensor scores = check_scores(scores_in);
-  TORCH_CHECK(iterations >= 1, "iterations must be >= 1 for the fused kernel, got ", iterations);
+  check_sinkhorn(scores_in, inv_eps, iterations);
+  const at::Tensor scores = scores_in.contiguous();
   const int64_t B = scores.size(0), K = scores.size(1);
   at::Tensor out = new_output(scores);
   DISPATCH_SCORES(scores.scalar_type(), "sinkhorn_cpu", [&] {
@@ -452,10 +437,11 @@ at::Tensor sinkhorn_cpu(const at::Tensor& scores_in, double inv_eps, int64_t ite
 
 std::tuple<at::Tensor, at::Tensor> sinkhorn_col_lse_cpu(const at::Tensor& scores_in, double inv_eps,
                                                          const std::optional<at::Tensor>& f_in) {
-  const at::Tensor scores = check_scores(scores_in);
+  check_sinkhorn_col_lse(scores_in, inv_eps, f_in);
+  const at::Tensor scores = scores_in.contiguous();
   const int64_t B = scores.size(0), K = scores.size(1);
   at::Tensor f;
-  if (f_in.has_value()) f = check_f(*f_in, K);
+  if (f_in.has_value()) f = f_in->contiguous();
   const auto options = scores.options().dtype(at::kFloat);
   at::Tensor col_max = at::empty({K}, options), col_sum = at::empty({K}, options);
   DISPATCH_SCORES(scores.scalar_type(), "sinkhorn_col_lse_cpu", [&] {
@@ -468,9 +454,10 @@ std::tuple<at::Tensor, at::Tensor> sinkhorn_col_lse_cpu(const at::Tensor& scores
 }
 
 at::Tensor sinkhorn_assign_cpu(const at::Tensor& scores_in, double inv_eps, const at::Tensor& f_in) {
-  const at::Tensor scores = check_scores(scores_in);
+  check_sinkhorn_assign(scores_in, inv_eps, f_in);
+  const at::Tensor scores = scores_in.contiguous();
   const int64_t B = scores.size(0), K = scores.size(1);
-  const at::Tensor f = check_f(f_in, K);
+  const at::Tensor f = f_in.contiguous();
   at::Tensor out = new_output(scores);
   DISPATCH_SCORES(scores.scalar_type(), "sinkhorn_assign_cpu", [&] {
     assign_pass(scores.const_data_ptr<scalar_t>(), B, K, static_cast<float>(inv_eps), f.const_data_ptr<float>(),
@@ -482,13 +469,7 @@ at::Tensor sinkhorn_assign_cpu(const at::Tensor& scores_in, double inv_eps, cons
 }  // namespace
 }  // namespace cl_fast::cpu
 
-// Schemas: inv_eps = 1 / epsilon; f is the prototype scaling vector in the log domain (K fp32).
-TORCH_LIBRARY_FRAGMENT(cl_fast_C, m) {
-  m.def("sinkhorn(Tensor scores, float inv_eps, int iterations) -> Tensor");
-  m.def("sinkhorn_col_lse(Tensor scores, float inv_eps, Tensor? f) -> (Tensor, Tensor)");
-  m.def("sinkhorn_assign(Tensor scores, float inv_eps, Tensor f) -> Tensor");
-}
-
+// Registration: the cl_fast_C Sinkhorn ops on CPU tensors (schemas and checks: csrc/ops.cpp).
 TORCH_LIBRARY_IMPL(cl_fast_C, CPU, m) {
   m.impl("sinkhorn", &cl_fast::cpu::sinkhorn_cpu);
   m.impl("sinkhorn_col_lse", &cl_fast::cpu::sinkhorn_col_lse_cpu);

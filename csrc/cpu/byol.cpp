@@ -5,6 +5,7 @@
 //   dp_i = -2 g_i r_p (v_i - u_i cos_i)   (= -2 g_i r_p v_i when ||p_i|| <= eps: n(p) = p / eps)
 //   dz_i = -2 g_i r_z (u_i - v_i cos_i)   (likewise), only when z requires grad.
 #include "cpu_vec.h"
+#include "../ops.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -19,16 +20,6 @@ namespace cl_fast::cpu {
 namespace {
 
 constexpr float kNormEps = 1e-12f;
-
-void check_pair(const at::Tensor& p, const at::Tensor& z) {
-  TORCH_CHECK(p.dim() == 2, "p must be 2-D (N, D), got ", p.sizes());
-  TORCH_CHECK(p.sizes() == z.sizes(), "p and z must have the same shape, got ", p.sizes(), " and ", z.sizes());
-  TORCH_CHECK(p.scalar_type() == z.scalar_type(), "p and z must have one dtype");
-  TORCH_CHECK(p.device().is_cpu() && z.device().is_cpu(), "p and z must be CPU tensors");
-  const auto dt = p.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16,
-              "p must be float32, float16 or bfloat16, got ", dt);
-}
 
 // Element conversions. fp16 goes through c10's software conversion: the Half(float) constructor
 // uses F16C when cpu_vec.h selects AVX2, and the build does not pass -mf16c.
@@ -71,7 +62,6 @@ void store_row(const float* src, scalar_t* dst, int64_t dim) {
 
 // (loss (N,), stats (N, 3) = [||p||, ||z||, cos]), fp32.
 std::tuple<at::Tensor, at::Tensor> byol_fwd(const at::Tensor& p_in, const at::Tensor& z_in) {
-  check_pair(p_in, z_in);
   const at::Tensor p = p_in.contiguous(), z = z_in.contiguous();
   const int64_t N = p.size(0), D = p.size(1);
   const auto f32 = p.options().dtype(at::kFloat);
@@ -103,12 +93,8 @@ std::tuple<at::Tensor, at::Tensor> byol_fwd(const at::Tensor& p_in, const at::Te
 // (dp, dz) in the inputs' dtype; dz is (0, D) unless need_dz.
 std::tuple<at::Tensor, at::Tensor> byol_bwd(const at::Tensor& grad, const at::Tensor& p_in, const at::Tensor& z_in,
                                             const at::Tensor& stats, bool need_dz) {
-  check_pair(p_in, z_in);
   const at::Tensor p = p_in.contiguous(), z = z_in.contiguous();
   const int64_t N = p.size(0), D = p.size(1);
-  TORCH_CHECK(grad.numel() == N && grad.scalar_type() == at::kFloat, "grad must be (N,) float32");
-  TORCH_CHECK(stats.sizes() == at::IntArrayRef({N, 3}) && stats.scalar_type() == at::kFloat,
-              "stats must be (N, 3) float32");
   const at::Tensor g = grad.contiguous(), st = stats.contiguous();
   at::Tensor dp = at::empty_like(p);
   at::Tensor dz = need_dz ? at::empty_like(z) : at::empty({0, D}, z.options());
@@ -154,12 +140,25 @@ std::tuple<at::Tensor, at::Tensor> byol_bwd(const at::Tensor& grad, const at::Te
 }  // namespace
 }  // namespace cl_fast::cpu
 
-TORCH_LIBRARY_FRAGMENT(cl_fast_C, m) {
-  m.def("byol_fwd(Tensor p, Tensor z) -> (Tensor, Tensor)");
-  m.def("byol_bwd(Tensor grad, Tensor p, Tensor z, Tensor stats, bool need_dz) -> (Tensor, Tensor)");
+// ---- registration: the cl_fast_C BYOL ops on CPU tensors (schemas and checks: csrc/ops.cpp) ----
+namespace cl_fast {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> byol_fwd_cpu(const at::Tensor& p, const at::Tensor& z) {
+  check_byol_fwd(p, z);
+  return cpu::byol_fwd(p, z);
 }
 
+std::tuple<at::Tensor, at::Tensor> byol_bwd_cpu(const at::Tensor& grad, const at::Tensor& p, const at::Tensor& z,
+                                                const at::Tensor& stats, bool need_dz) {
+  check_byol_bwd(grad, p, z, stats, need_dz);
+  return cpu::byol_bwd(grad, p, z, stats, need_dz);
+}
+
+}  // namespace
+}  // namespace cl_fast
+
 TORCH_LIBRARY_IMPL(cl_fast_C, CPU, m) {
-  m.impl("byol_fwd", &cl_fast::cpu::byol_fwd);
-  m.impl("byol_bwd", &cl_fast::cpu::byol_bwd);
+  m.impl("byol_fwd", &cl_fast::byol_fwd_cpu);
+  m.impl("byol_bwd", &cl_fast::byol_bwd_cpu);
 }

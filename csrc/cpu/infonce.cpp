@@ -47,9 +47,11 @@
 
 #include "infonce_cpu.h"
 #include "tile_gemm.h"
+#include "../ops.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -909,3 +911,45 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_bwd(const at::Tensor& grad_
 }
 
 }  // namespace cl_fast::cpu
+
+// ---- registration: the cl_fast_C InfoNCE ops on CPU tensors (schemas and checks: csrc/ops.cpp) ----
+namespace cl_fast {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> ntxent_fwd_cpu(const at::Tensor& z1, const at::Tensor& z2,
+                                                  const at::Tensor& scale) {
+  check_ntxent_fwd(z1, z2, scale);
+  return cpu::ntxent_fwd(z1, z2, cpu_scalar(scale));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ntxent_bwd_cpu(const at::Tensor& grad, const at::Tensor& z1,
+                                                              const at::Tensor& z2, const at::Tensor& scale,
+                                                              const at::Tensor& lse) {
+  check_ntxent_bwd(grad, z1, z2, scale, lse);
+  return cpu::ntxent_bwd(grad, z1, z2, cpu_scalar(scale), lse);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                                         const at::Tensor& scale, bool both,
+                                                                         bool normalize) {
+  check_cross_fwd(q, k, scale, both, normalize);
+  return cpu::cross_fwd(q, k, cpu_scalar(scale), both, normalize);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_bwd_cpu(const at::Tensor& grad_row, const at::Tensor& grad_col,
+                                                             const at::Tensor& q, const at::Tensor& k,
+                                                             const at::Tensor& scale, const at::Tensor& row_lse,
+                                                             const at::Tensor& col_lse, bool both, bool normalize) {
+  check_cross_bwd(grad_row, grad_col, q, k, scale, row_lse, col_lse, both, normalize);
+  return cpu::cross_bwd(grad_row, grad_col, q, k, cpu_scalar(scale), row_lse, col_lse, both, normalize);
+}
+
+}  // namespace
+}  // namespace cl_fast
+
+TORCH_LIBRARY_IMPL(cl_fast_C, CPU, m) {
+  m.impl("ntxent_fwd", &cl_fast::ntxent_fwd_cpu);
+  m.impl("ntxent_bwd", &cl_fast::ntxent_bwd_cpu);
+  m.impl("cross_fwd", &cl_fast::cross_fwd_cpu);
+  m.impl("cross_bwd", &cl_fast::cross_bwd_cpu);
+}

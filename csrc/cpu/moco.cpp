@@ -19,6 +19,7 @@
 #include "cpu_vec.h"
 
 #include "tile_gemm.h"
+#include "../ops.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -39,14 +40,6 @@ constexpr int64_t kRowBlock = 128;  // queries per task (S tile rows)
 constexpr int64_t kKeyTile = 256;   // queue rows per tile (S tile columns)
 
 float nan_max(float a, float b) { return (std::isnan(a) || std::isnan(b)) ? NAN : std::max(a, b); }
-
-void check_features(const at::Tensor& x, const char* name) {
-  TORCH_CHECK(x.dim() == 2, name, " must be 2-D (N, D), got ", x.sizes());
-  TORCH_CHECK(x.device().is_cpu(), name, " must be a CPU tensor, got ", x.device());
-  const auto dt = x.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, name,
-              " must be float32, float16 or bfloat16, got ", dt);
-}
 
 // fp32 copy of x (N, D) with every row normalised in place; inv_norm[i] = 1 / max(||x_i||, eps).
 // Overflow-free for any finite row (cpu_vec.h): a large row is first scaled by 2^-e (exact, in
@@ -154,12 +147,6 @@ int64_t choose_splits(int64_t row_blocks, int64_t K, int64_t requested) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> moco_fwd(const at::Tensor& q, const at::Tensor& k,
                                                         const at::Tensor& queue, double scale_d,
                                                         bool need_grad, int64_t splits) {
-  check_features(q, "q");
-  check_features(k, "k");
-  check_features(queue, "queue");
-  TORCH_CHECK(q.sizes() == k.sizes(), "q and k must have the same shape, got ", q.sizes(), " and ", k.sizes());
-  TORCH_CHECK(queue.size(1) == q.size(1), "queue must have D=", q.size(1), " columns, got ", queue.size(1));
-  TORCH_CHECK(queue.size(0) >= 1, "queue must have at least one row");
   const int64_t N = q.size(0), D = q.size(1), K = queue.size(0);
   const float scale = static_cast<float>(scale_d);
   const auto f32 = q.options().dtype(at::kFloat);
@@ -251,14 +238,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moco_fwd(const at::Tensor& q, con
 
 // queue[(ptr + b) % K] = n(keys[b]) cast to queue's dtype; ptr <- (ptr + B) % K (ptr: 0-d int CPU tensor).
 void moco_queue_update_(at::Tensor& queue, const at::Tensor& keys, at::Tensor& ptr) {
-  check_features(keys, "keys");
-  TORCH_CHECK(queue.dim() == 2 && queue.device().is_cpu(), "queue must be a 2-D CPU tensor");
-  TORCH_CHECK(queue.is_contiguous(), "queue must be contiguous");
-  TORCH_CHECK(keys.size(1) == queue.size(1), "keys must have D=", queue.size(1), " columns, got ", keys.size(1));
-  TORCH_CHECK(ptr.dim() == 0 && ptr.device().is_cpu() && !at::isFloatingType(ptr.scalar_type()),
-              "ptr must be a 0-d integer CPU tensor");
   const int64_t K = queue.size(0), B = keys.size(0);
-  TORCH_CHECK(B <= K, "keys has B=", B, " rows but the queue holds only K=", K);
   if (B == 0) return;
   const int64_t start = ((ptr.item<int64_t>() % K) + K) % K;
   at::Tensor rows = normalized_rows(keys, nullptr).to(queue.scalar_type());
@@ -271,12 +251,26 @@ void moco_queue_update_(at::Tensor& queue, const at::Tensor& keys, at::Tensor& p
 }  // namespace
 }  // namespace cl_fast::cpu
 
-TORCH_LIBRARY_FRAGMENT(cl_fast_C, m) {
-  m.def("moco_fwd(Tensor q, Tensor k, Tensor queue, float scale, bool need_grad, int splits=0) -> (Tensor, Tensor, Tensor)");
-  m.def("moco_queue_update_(Tensor(a!) queue, Tensor keys, Tensor(b!) ptr) -> ()");
+// ---- registration: the cl_fast_C MoCo ops on CPU tensors (schemas and checks: csrc/ops.cpp) ----
+namespace cl_fast {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> moco_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                            const at::Tensor& queue, const at::Tensor& scale,
+                                                            bool need_grad, int64_t splits) {
+  check_moco_fwd(q, k, queue, scale, need_grad, splits);
+  return cpu::moco_fwd(q, k, queue, cpu_scalar(scale), need_grad, splits);
 }
 
+void moco_queue_update_cpu(at::Tensor& queue, const at::Tensor& keys, at::Tensor& ptr) {
+  check_moco_queue_update_(queue, keys, ptr);
+  cpu::moco_queue_update_(queue, keys, ptr);
+}
+
+}  // namespace
+}  // namespace cl_fast
+
 TORCH_LIBRARY_IMPL(cl_fast_C, CPU, m) {
-  m.impl("moco_fwd", &cl_fast::cpu::moco_fwd);
-  m.impl("moco_queue_update_", &cl_fast::cpu::moco_queue_update_);
+  m.impl("moco_fwd", &cl_fast::moco_fwd_cpu);
+  m.impl("moco_queue_update_", &cl_fast::moco_queue_update_cpu);
 }
