@@ -6,6 +6,7 @@ Build with `pip install --no-build-isolation -e .` so the build uses the torch a
 """
 import glob
 import os
+import platform
 import shutil
 
 from setuptools import find_packages, setup
@@ -39,7 +40,10 @@ def _cuda_arch_list():
 
 def _extension():
     sources = ["csrc/ops.cpp"] + _sources("csrc/cpu/*.cpp")  # schemas + checks, then the CPU kernels
-    cxx = ["-O3", "-std=c++17", "-fopenmp", "-march=native" if os.environ.get("CL_FAST_NATIVE") == "1" else "-mavx2", "-mfma"]
+    # x86-64: AVX2 + FMA (csrc/cpu/cpu_vec.h picks at::vec's AVX2 path); any other CPU (ARM, Apple silicon): no
+    # x86 flags, at::vec's portable path; CL_FAST_NATIVE=1: everything the build machine has.
+    native, x86_64 = os.environ.get("CL_FAST_NATIVE") == "1", platform.machine().lower() in ("x86_64", "amd64")
+    cxx = ["-O3", "-std=c++17", "-fopenmp"] + (["-march=native"] if native else ["-mavx2", "-mfma"] if x86_64 else [])
     if _with_cuda():
         # CUDA kernels: csrc/cuda/*.cu (kernels with hand-written mma.sync / cp.async PTX, no CUTLASS
         # needed) and their torch registrations. MAX_JOBS sets ninja's parallel compiles; nvcc
