@@ -139,9 +139,10 @@ def test_the_patch_catches_a_host_read(monkeypatch):
     with no_host_reads(monkeypatch):
         with pytest.raises(HostRead):
             float(torch.tensor(0.5))
-        monkeypatch.setattr(_checks, "host_readable", lambda value: True)
-        with pytest.raises(HostRead):
-            _checks.check_positive_scalar("temperature", torch.tensor(0.5), torch.device("cpu"))
+        with monkeypatch.context() as patch:  # nested, so each patch is undone in order
+            patch.setattr(_checks, "host_readable", lambda value: True)
+            with pytest.raises(HostRead):
+                _checks.check_positive_scalar("temperature", torch.tensor(0.5), torch.device("cpu"))
 
 
 def test_device_path_check_still_rejects_a_bad_temperature(monkeypatch):
