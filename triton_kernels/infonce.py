@@ -28,7 +28,10 @@ Kernels, in call order:
    the exact row max m and l, because exp(S - lse) with lse rounded to fp32 at |lse| ~ s loses
    ~s * 6e-8 relative precision (2e-4 at T = 1e-4), where exp(S - m) / l keeps the fp32
    reference's precision.
-   `_bwd_kernel`: row-stationary full-square walk, no atomics:
+   `_ntxent_bwd_kernel` (nt_xent) and `_bwd_kernel` (cross): row-stationary full-square walk, no
+   atomics. nt_xent stacks the pair block's 2H rows [a_t; b_t] into one tile that walks the 2N
+   columns of Z = [z1; z2], so each column load serves both halves; cross walks per half (q rows
+   against k columns, k rows against q columns: different column tensors). Both compute:
      W_ij = g_i P_ij + g_j P_ji over the negatives (P_ij = exp(S_ij - shift_i) / l_i),
      dU_i = sum_j W_ij u_j in registers (fixed regime: W = E (g_i/l_i + g_j/l_j), one exp),
      nm_i = sum_{j neg} P_ij, dscale partial = sum W_ij cos_ij / 2 (each pair seen from both rows).
