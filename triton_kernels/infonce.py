@@ -75,31 +75,37 @@ _CONFIGS = {
     # forward / stats walk: row statistics only
     ("walk", "half", 128): [(64, 64, 4, 3)],
     ("walk", "half", 256): [(32, 64, 4, 3)],
+    ("walk", "half", 512): [(16, 32, 4, 2)],
     ("walk", "half", 1024): [(16, 32, 4, 2)],
     ("walk", "fp32", 128): [(64, 32, 4, 2)],
     ("walk", "fp32", 256): [(32, 32, 4, 2)],
+    ("walk", "fp32", 512): [(16, 32, 4, 2)],
     ("walk", "fp32", 1024): [(16, 32, 4, 2)],
     # backward: two (H, D_PAD) fp32 accumulators
     ("bwd", "half", 128): [(32, 64, 8, 2), (32, 32, 8, 2)],
     ("bwd", "half", 256): [(16, 64, 8, 2)],
+    ("bwd", "half", 512): [(16, 32, 8, 1)],
     ("bwd", "half", 1024): [(16, 32, 8, 1)],
     ("bwd", "fp32", 128): [(16, 32, 8, 2)],
     ("bwd", "fp32", 256): [(16, 32, 8, 1)],
+    ("bwd", "fp32", 512): [(16, 16, 8, 1)],
     ("bwd", "fp32", 1024): [(16, 16, 8, 1)],
     # nt_xent backward, stacked: one (2H, D_PAD) fp32 accumulator, (2H, BN) tiles
     ("bwd_stacked", "half", 128): [(32, 64, 8, 2), (32, 32, 8, 2)],
     ("bwd_stacked", "half", 256): [(16, 64, 8, 2)],
-    ("bwd_stacked", "half", 1024): [(16, 32, 8, 1)],
+    ("bwd_stacked", "half", 512): [(16, 32, 8, 1)],
+    ("bwd_stacked", "half", 1024): [(8, 32, 8, 1)],
     ("bwd_stacked", "fp32", 128): [(16, 32, 8, 1)],
-    ("bwd_stacked", "fp32", 256): [(16, 32, 8, 1)],
-    ("bwd_stacked", "fp32", 1024): [(16, 16, 8, 1)],
+    ("bwd_stacked", "fp32", 256): [(8, 16, 8, 1)],
+    ("bwd_stacked", "fp32", 512): [(8, 16, 8, 1)],
+    ("bwd_stacked", "fp32", 1024): [(8, 16, 8, 1)],
 }
 _INTERPRET_SHAPE = (16, 32, 4, 1)
 _AUTOTUNE = os.environ.get("CL_FAST_AUTOTUNE", "1") != "0"
 
 
 def _d_bucket(d_pad):
-    return 128 if d_pad <= 128 else 256 if d_pad <= 256 else 1024
+    return 128 if d_pad <= 128 else 256 if d_pad <= 256 else 512 if d_pad <= 512 else 1024
 
 
 def _dtype_class(dtype):
