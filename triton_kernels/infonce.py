@@ -517,32 +517,18 @@ def _grad_walk(t0, t, x, rho_x, g_x, shift_x, inv_l_x, c_ptr, cstat, scale, N, a
 @triton.jit
 def _grad_walks(t0, t, xa, rho_a, ga, shift_a, inv_l_a, xb, rho_b, gb, shift_b, inv_l_b,
                 a_ptr, b_ptr, stat_a, stat_b, scale, N, acc_a, nm_a, dsc_a, acc_b, nm_b, dsc_b,
-                FIXED: tl.constexpr, NTXENT: tl.constexpr, BOTH: tl.constexpr, NORMALIZE: tl.constexpr,
+                FIXED: tl.constexpr, BOTH: tl.constexpr, NORMALIZE: tl.constexpr,
                 H: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
                 UPCAST_DOT: tl.constexpr, INTERPRET: tl.constexpr):
-    if NTXENT:
-        # every row against all of Z = [z1; z2]; self and positive are both left out of W
-        acc_a, nm_a, dsc_a = _grad_walk(t0, t, xa, rho_a, ga, shift_a, inv_l_a, a_ptr, stat_a, scale, N,
-                                        acc_a, nm_a, dsc_a, FIXED, True, True, NORMALIZE, H, BN, D, D_PAD,
-                                        UPCAST_DOT, INTERPRET)
-        acc_a, nm_a, dsc_a = _grad_walk(t0, t, xa, rho_a, ga, shift_a, inv_l_a, b_ptr, stat_b, scale, N,
-                                        acc_a, nm_a, dsc_a, FIXED, True, True, NORMALIZE, H, BN, D, D_PAD,
-                                        UPCAST_DOT, INTERPRET)
-        acc_b, nm_b, dsc_b = _grad_walk(t0, t, xb, rho_b, gb, shift_b, inv_l_b, a_ptr, stat_a, scale, N,
-                                        acc_b, nm_b, dsc_b, FIXED, True, True, NORMALIZE, H, BN, D, D_PAD,
-                                        UPCAST_DOT, INTERPRET)
-        acc_b, nm_b, dsc_b = _grad_walk(t0, t, xb, rho_b, gb, shift_b, inv_l_b, b_ptr, stat_b, scale, N,
-                                        acc_b, nm_b, dsc_b, FIXED, True, True, NORMALIZE, H, BN, D, D_PAD,
-                                        UPCAST_DOT, INTERPRET)
-    else:
-        # q rows (half a) against k columns: row term = q->k softmax, column term = k->q (BOTH);
-        # k rows (half b) against q columns: row term = k->q (BOTH), column term = q->k.
-        acc_a, nm_a, dsc_a = _grad_walk(t0, t, xa, rho_a, ga, shift_a, inv_l_a, b_ptr, stat_b, scale, N,
-                                        acc_a, nm_a, dsc_a, FIXED, True, BOTH, NORMALIZE, H, BN, D, D_PAD,
-                                        UPCAST_DOT, INTERPRET)
-        acc_b, nm_b, dsc_b = _grad_walk(t0, t, xb, rho_b, gb, shift_b, inv_l_b, a_ptr, stat_a, scale, N,
-                                        acc_b, nm_b, dsc_b, FIXED, BOTH, True, NORMALIZE, H, BN, D, D_PAD,
-                                        UPCAST_DOT, INTERPRET)
+    """The cross backward's walks, one half after the other (nt_xent: `_ntxent_bwd_kernel`)."""
+    # q rows (half a) against k columns: row term = q->k softmax, column term = k->q (BOTH);
+    # k rows (half b) against q columns: row term = k->q (BOTH), column term = q->k.
+    acc_a, nm_a, dsc_a = _grad_walk(t0, t, xa, rho_a, ga, shift_a, inv_l_a, b_ptr, stat_b, scale, N,
+                                    acc_a, nm_a, dsc_a, FIXED, True, BOTH, NORMALIZE, H, BN, D, D_PAD,
+                                    UPCAST_DOT, INTERPRET)
+    acc_b, nm_b, dsc_b = _grad_walk(t0, t, xb, rho_b, gb, shift_b, inv_l_b, a_ptr, stat_a, scale, N,
+                                    acc_b, nm_b, dsc_b, FIXED, BOTH, True, NORMALIZE, H, BN, D, D_PAD,
+                                    UPCAST_DOT, INTERPRET)
     return acc_a, nm_a, dsc_a, acc_b, nm_b, dsc_b
 
 
@@ -560,16 +546,17 @@ def _input_grad(u, du, r, NORMALIZE: tl.constexpr):
 @triton.jit
 def _bwd_kernel(a_ptr, b_ptr, rho_ptr, r_ptr, scale_ptr, g_a_ptr, g_b_ptr, shift_ptr, inv_l_ptr,
                 da_ptr, db_ptr, dscale_part_ptr, N, N_BUCKET, D: tl.constexpr, D_PAD: tl.constexpr,
-                NTXENT: tl.constexpr, BOTH: tl.constexpr, NORMALIZE: tl.constexpr,
+                BOTH: tl.constexpr, NORMALIZE: tl.constexpr,
                 H: tl.constexpr, BN: tl.constexpr, UPCAST_DOT: tl.constexpr, INTERPRET: tl.constexpr):
-    """da, db for the pair block (rows a_t, b_t), dscale partial to dscale_part[program].
+    """Cross backward: da = dq, db = dk for the pair block (rows q_t, k_t), dscale partial to
+    dscale_part[program]; one half after the other (the halves meet different column tensors).
     shift / inv_l hold [a rows; b rows] (2N each), from the stats walk."""
     scale = tl.load(scale_ptr)
     pid = tl.program_id(0)
     t0 = pid * H
     t = t0 + tl.arange(0, H)
     row_mask = t < N
-    HAS_GB: tl.constexpr = NTXENT or BOTH
+    HAS_GB: tl.constexpr = BOTH
     xa = _load_rows(a_ptr, t, row_mask, D, D_PAD)
     xb = _load_rows(b_ptr, t, row_mask, D, D_PAD)
     if NORMALIZE:
@@ -603,17 +590,17 @@ def _bwd_kernel(a_ptr, b_ptr, rho_ptr, r_ptr, scale_ptr, g_a_ptr, g_b_ptr, shift
             acc_a, nm_a, dsc_a, acc_b, nm_b, dsc_b = _grad_walks(
                 t0, t, xa, rho_a, ga, shift_a, inv_l_a, xb, rho_b, gb, shift_b, inv_l_b,
                 a_ptr, b_ptr, stat_a, stat_b, scale, N, acc_a, nm_a, dsc_a, acc_b, nm_b, dsc_b,
-                True, NTXENT, BOTH, NORMALIZE, H, BN, D, D_PAD, UPCAST_DOT, INTERPRET)
+                True, BOTH, NORMALIZE, H, BN, D, D_PAD, UPCAST_DOT, INTERPRET)
         else:
             acc_a, nm_a, dsc_a, acc_b, nm_b, dsc_b = _grad_walks(
                 t0, t, xa, rho_a, ga, shift_a, inv_l_a, xb, rho_b, gb, shift_b, inv_l_b,
                 a_ptr, b_ptr, stat_a, stat_b, scale, N, acc_a, nm_a, dsc_a, acc_b, nm_b, dsc_b,
-                False, NTXENT, BOTH, NORMALIZE, H, BN, D, D_PAD, UPCAST_DOT, INTERPRET)
+                False, BOTH, NORMALIZE, H, BN, D, D_PAD, UPCAST_DOT, INTERPRET)
     else:  # features as given: logits unbounded, always the running max
         acc_a, nm_a, dsc_a, acc_b, nm_b, dsc_b = _grad_walks(
             t0, t, xa, rho_a, ga, shift_a, inv_l_a, xb, rho_b, gb, shift_b, inv_l_b,
             a_ptr, b_ptr, stat_a, stat_b, scale, N, acc_a, nm_a, dsc_a, acc_b, nm_b, dsc_b,
-            False, NTXENT, BOTH, NORMALIZE, H, BN, D, D_PAD, UPCAST_DOT, INTERPRET)
+            False, BOTH, NORMALIZE, H, BN, D, D_PAD, UPCAST_DOT, INTERPRET)
     # epilogue: the positive pair (a_t, b_t). w = G_ab + G_ba = g_a (P_ab - 1) + g_b (P_ba - 1)
     #         = -(g_a nm_a + g_b nm_b), exact to fp32 relative precision when P -> 1.
     w = -(ga * nm_a + gb * nm_b)
@@ -818,7 +805,7 @@ def _backward(g_a, g_b, a, b, scale, lse_a, lse_b, ntxent, both, normalize):
                                            D, D_PAD=d_pad, UPCAST_DOT=_INTERPRET, INTERPRET=_INTERPRET)
     else:
         _bwd_kernel[grid_recording](a_s, b_s, rho, r, scale, g_a, g_b, shift, inv_l, da, db, parts, N,
-                                    _n_bucket(N), D, D_PAD=d_pad, NTXENT=ntxent, BOTH=both,
+                                    _n_bucket(N), D, D_PAD=d_pad, BOTH=both,
                                     NORMALIZE=normalize, UPCAST_DOT=_INTERPRET, INTERPRET=_INTERPRET)
     # the partials of the config that ran, summed by one deterministic torch reduction
     dscale = parts[:used[-1]].sum()
@@ -902,7 +889,7 @@ def sm90_specs():
                                        ("ntxent_bwd_stats", dict(NTXENT=True, BOTH=True, NORMALIZE=True, STATS=True)),
                                        ("cross_fwd_raw", dict(NTXENT=False, BOTH=True, NORMALIZE=False, STATS=False))]),
             ("bwd_stacked", _ntxent_bwd_kernel.fn, [("ntxent_bwd", dict())]),
-            ("bwd", _bwd_kernel.fn, [("cross_bwd", dict(NTXENT=False, BOTH=True, NORMALIZE=True))]),
+            ("bwd", _bwd_kernel.fn, [("cross_bwd", dict(BOTH=True, NORMALIZE=True))]),
         ):
             if kind == "bwd_stacked":
                 sig = {"z_ptr": ty, "rho_ptr": "*fp32", "r_ptr": "*fp32", "scale_ptr": "*fp32", "g_ptr": "*fp32",
