@@ -34,6 +34,7 @@ test: build
 	$(PY) -m pytest -q tests
 
 run: build
+	$(PY) -m cl_fast train simclr --out runs/simclr
 	$(PY) -m cl_fast bench
 
 clean:

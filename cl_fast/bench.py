@@ -6,7 +6,7 @@ reference ("compile") and, for sinkhorn, SwAV's own eager code ("swav"). One tab
 backend, size and dtype; benchmarks/README.md shows the common command lines.
 
 Sizes ("rows"): the side of the similarity matrix. nt_xent: 2N (the rows of cat(z1, z2));
-info_nce, clip_loss, byol_loss: N; moco_loss: N queries scored against a queue of K rows;
+info_nce, clip_loss, siglip_loss, byol_loss: N; moco_loss: N queries scored against a queue of K rows;
 sinkhorn: B rows of K prototype scores, forward only (it has no backward).
 
 Time: median over the repeats, after warm-up calls (the first includes compilation/autotuning);
@@ -144,6 +144,14 @@ def _clip_inputs(shape, dtype, device, gen):
     return (image, text, logit_scale), [image, text, logit_scale]
 
 
+def _siglip_inputs(shape, dtype, device, gen):
+    image, text = _pair(shape, dtype, device, gen)
+    # OpenCLIP's SigLIP initialisation: logit_scale = exp(log 10), logit_bias = -10, both learnable
+    logit_scale = torch.tensor(10.0, device=device, requires_grad=True)
+    logit_bias = torch.tensor(-10.0, device=device, requires_grad=True)
+    return (image, text, logit_scale, logit_bias), [image, text, logit_scale, logit_bias]
+
+
 def _moco_inputs(shape, dtype, device, gen):
     q, k = _pair(shape, dtype, device, gen, grad_second=False)
     stored_keys = _randn(shape.queue, shape.dim, dtype, device, gen, False)
@@ -167,6 +175,8 @@ OPS = {
         Op("nt_xent", _ntxent_inputs, lambda s: f"2N={s.rows}", lambda s: s.rows**2),
         Op("info_nce", _info_nce_inputs, lambda s: f"N={s.rows}", lambda s: s.rows**2),
         Op("clip_loss", _clip_inputs, lambda s: f"N={s.rows}", lambda s: s.rows**2),
+        # "torch" is OpenCLIP's eager SigLipLoss computation (reference.siglip_loss: logits, labels, logsigmoid)
+        Op("siglip_loss", _siglip_inputs, lambda s: f"N={s.rows}", lambda s: s.rows**2, family="siglip"),
         Op("moco_loss", _moco_inputs, lambda s: f"N={s.rows} K={s.queue}", lambda s: s.rows * (s.queue + 1),
            fixed_rows=(256,), family="moco"),
         Op("sinkhorn", _sinkhorn_inputs, lambda s: f"B={s.rows} K={s.prototypes}", lambda s: s.rows * s.prototypes,
@@ -515,7 +525,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(
         prog="python -m cl_fast bench",
         description="Forward+backward time and peak extra memory of the cl_fast losses, per backend.",
-        epilog="rows: nt_xent 2N; info_nce, clip_loss, byol_loss N; moco_loss N (queue K = --queue); "
+        epilog="rows: nt_xent 2N; info_nce, clip_loss, siglip_loss, byol_loss N; moco_loss N (queue K = --queue); "
         "sinkhorn B (K = --prototypes, forward only).",
     )
     p.add_argument("--ops", default="nt_xent", help=f"comma list of {', '.join(OPS)}, or 'all' (default nt_xent)")
@@ -780,7 +790,7 @@ def header_lines(device, device_name, threads, mem_method, compile_note, load) -
         f"time: median fwd+bwd per call after warm-up (sinkhorn: forward only); threads: {threads}; "
         f"torch.compile: {compile_note}",
         f"peak extra MB: {mem_method} (inputs excluded, input gradients included)",
-        "rows: nt_xent 2N (similarity matrix 2N x 2N); info_nce, clip_loss, byol_loss N; moco_loss N queries "
+        "rows: nt_xent 2N (similarity matrix 2N x 2N); info_nce, clip_loss, siglip_loss, byol_loss N; moco_loss N queries "
         "x K queue rows; sinkhorn B x K scores",
         "vs eager: eager time / this time; mem vs eager: eager peak / this peak (same op, dtype, size)",
     ]

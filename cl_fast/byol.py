@@ -19,13 +19,14 @@ from __future__ import annotations
 
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _checks, _dispatch, reference
 from ._ops import byol as ops
 from ._ops import reduce_loss
 
-__all__ = ["byol_loss", "BYOLLoss"]
+__all__ = ["byol_loss", "BYOLLoss", "NegativeCosineSimilarity"]
 
 
 # ------------------------------------------------------------------------------ public API
@@ -58,3 +59,21 @@ class BYOLLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"reduction={self.reduction!r}, backend={self.backend!r}"
+
+
+class NegativeCosineSimilarity(nn.Module):
+    """Drop-in for lightly's NegativeCosineSimilarity (SimSiam): -mean_i cos(x0_i, x1_i).
+
+    For 2-D (N, D) inputs compared along dim 1 it is byol_loss / 2 - 1 (the fused BYOL kernels;
+    gradients into both inputs). Rows are normalised as n(x) = x / max(||x||, 1e-12) there; other
+    shapes or dims use torch's cosine_similarity with `eps` (which bounds the product of the norms).
+    """
+
+    def __init__(self, dim: int = 1, eps: float = 1e-8, *, backend: str = "auto"):
+        super().__init__()
+        self.dim, self.eps, self.backend = dim, eps, backend
+
+    def forward(self, x0: Tensor, x1: Tensor) -> Tensor:
+        if isinstance(x0, Tensor) and x0.dim() == 2 and self.dim in (1, -1):
+            return byol_loss(x0, x1, backend=self.backend) / 2 - 1
+        return -F.cosine_similarity(x0, x1, self.dim, self.eps).mean()

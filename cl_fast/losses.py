@@ -7,12 +7,29 @@ custom op, which owns the autograd.
 """
 from __future__ import annotations
 
+import numbers
+from typing import Sequence, Union
+
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import _checks, _dispatch, reference
 from ._ops import infonce as ops
 from ._ops import reduce_loss, scale_tensor
+from .siglip import _check_bias, _check_world
+
+
+def _zero_loss(rows: int, reduction: str, *tensors) -> Tensor:
+    """The loss of a batch of one (N = 1): the positive is the only candidate, so every per-row
+    loss is exactly 0 and so is every gradient. Kept in the graph of each input that requires grad
+    (a NaN input still gives NaN, as the formula would)."""
+    zero = torch.zeros((), dtype=torch.float32, device=tensors[0].device)
+    for t in tensors:
+        if isinstance(t, Tensor) and t.requires_grad:
+            zero = zero + (t * 0).sum().to(torch.float32)
+    per_row = zero.expand(rows) if reduction == "none" else zero
+    return per_row if reduction == "none" else reduce_loss(per_row.reshape(1), reduction)
 
 
 def nt_xent(z1: Tensor, z2: Tensor, temperature=0.5, *, reduction: str = "mean", backend: str = "auto") -> Tensor:
@@ -20,13 +37,16 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature=0.5, *, reduction: str = "mean",
 
     Row i's positive is the other view of the same sample; its own similarity is excluded.
     `temperature` is a float or a 0-d tensor (a learnable one receives its gradient).
+    N = 1 gives 0 (the positive is the only candidate), with zero gradients.
     """
-    _checks.check_pair("z1", z1, "z2", z2, min_rows=2)
+    _checks.check_pair("z1", z1, "z2", z2)
     _checks.check_positive_scalar("temperature", temperature, z1.device)
     _checks.check_reduction(reduction)
     backend = _dispatch.resolve(backend, z1.device, z1.dtype, z1.shape[1])
     if backend == "torch":
         return reference.nt_xent(z1, z2, temperature, reduction=reduction)
+    if z1.shape[0] == 1:
+        return _zero_loss(2, reduction, z1, z2, temperature)
     losses, _ = ops.ntxent_fwd(z1, z2, scale_tensor(temperature, True, z1.device), backend)
     return reduce_loss(losses, reduction)
 
@@ -45,53 +65,176 @@ def info_nce(
 
     symmetric=True averages the query->key and key->query directions (the CLIP loss with
     logit_scale = 1/temperature); reduction="none" then returns 0.5 * (row_i + col_i).
+    N = 1 gives 0 with zero gradients.
     """
-    _checks.check_pair("query", query, "key", key, min_rows=2)
+    _checks.check_pair("query", query, "key", key)
     _checks.check_positive_scalar("temperature", temperature, query.device)
     _checks.check_reduction(reduction)
     backend = _dispatch.resolve(backend, query.device, query.dtype, query.shape[1])
     if backend == "torch":
         return reference.info_nce(query, key, temperature, symmetric=symmetric, reduction=reduction)
+    if query.shape[0] == 1:
+        return _zero_loss(1, reduction, query, key, temperature)
     scale = scale_tensor(temperature, True, query.device)
     return _cross(query, key, scale, bool(symmetric), True, reduction, backend)
 
 
 def clip_loss(
-    image_features: Tensor, text_features: Tensor, logit_scale, *, normalize: bool = True,
+    image_features: Tensor, text_features: Tensor, logit_scale, logit_bias=None, *, normalize: bool = False,
     backend: str = "auto",
 ) -> Tensor:
-    """OpenCLIP's contrastive loss; `logit_scale` is the already-exponentiated scale.
+    """OpenCLIP's ClipLoss on one process: 0.5 * (CE(S, arange) + CE(S^T, arange)), S = s I T^T + b.
 
-    normalize=False (features used as given, logits unbounded) is evaluated by the reference:
-    the fused kernels rely on normalised rows to bound every logit.
+    Features are used AS GIVEN, as OpenCLIP does (its model normalises them first); normalize=True
+    normalises the rows inside. `logit_scale` is the already-exponentiated scale s > 0, a float or
+    a 0-d tensor (a learnable one receives its gradient). `logit_bias` (None, a float or a 0-d
+    tensor) shifts every logit, so it cancels in both softmaxes: accepted, and a tensor bias that
+    requires grad receives its gradient, 0 (as OpenCLIP's autograd gives). N = 1 gives 0.
+    Both settings of `normalize` run on the fused kernels.
     """
-    _checks.check_pair("image_features", image_features, "text_features", text_features, min_rows=2)
+    _checks.check_pair("image_features", image_features, "text_features", text_features)
     _checks.check_positive_scalar("logit_scale", logit_scale, image_features.device)
-    if not normalize and backend not in ("auto", "torch"):
-        raise ValueError(f"normalize=False is only computed by the reference; use backend='auto' or 'torch', got {backend!r}")
+    _check_bias(logit_bias, image_features.device)
     backend = _dispatch.resolve(backend, image_features.device, image_features.dtype, image_features.shape[1])
-    if not normalize:
-        backend = "torch"
     if backend == "torch":
-        return reference.clip_loss(image_features, text_features, logit_scale, normalize=normalize)
+        return reference.clip_loss(image_features, text_features, logit_scale, logit_bias, normalize=normalize)
+    if image_features.shape[0] == 1:
+        return _zero_loss(1, "mean", image_features, text_features, logit_scale, logit_bias)
     scale = scale_tensor(logit_scale, False, image_features.device)
-    return _cross(image_features, text_features, scale, True, normalize, "mean", backend)
+    loss = _cross(image_features, text_features, scale, True, bool(normalize), "mean", backend)
+    if isinstance(logit_bias, Tensor):
+        loss = loss + (logit_bias * 0).sum().to(loss.dtype)  # the bias cancels: its gradient is 0
+    return loss
+
+
+def _memory_bank_size(value) -> tuple:
+    """lightly's memory_bank_size: an int K, or a (K,) / (K, D) sequence of ints; K = 0 is off."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        size = (int(value),)
+    elif isinstance(value, Sequence) and not isinstance(value, str) and 1 <= len(value) <= 2 and all(
+        isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in value
+    ):
+        size = tuple(int(v) for v in value)
+    else:
+        raise TypeError(f"memory_bank_size must be an int K or a (K, D) tuple of ints, got {value!r}")
+    if any(v < 0 for v in size):
+        raise ValueError(f"memory_bank_size entries must be >= 0, got {value!r}")
+    if size[0] > 0 and len(size) == 2 and size[1] < 1:
+        raise ValueError(f"memory_bank_size's feature dimension must be >= 1, got {value!r}")
+    return size
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 class NTXentLoss(nn.Module):
-    """Drop-in for lightly's NTXentLoss(temperature) (memory bank off): loss(z1, z2)."""
+    """Drop-in for lightly's NTXentLoss(temperature, memory_bank_size, gather_distributed): loss(out0, out1).
 
-    def __init__(self, temperature: float = 0.5, reduction: str = "mean", backend: str = "auto"):
+    Without a memory bank: nt_xent(out0, out1) (SimCLR, in-batch negatives; N = 1 gives 0).
+    With one (memory_bank_size = K > 0, or lightly's (K, D) tuple), lightly's MoCo-style loss:
+    out0 is the query, out1 its positive key, and the K stored keys are the negatives, computed
+    by the fused moco_loss path (gradients into out0 and, as in lightly, into out1 through the
+    positive). The bank is a MoCoQueue (`memory_bank`, saved in the state_dict); after the loss
+    it receives n(out1) when out0 requires grad (lightly's rule: evaluation leaves it alone). It
+    starts as random unit rows, created at construction for (K, D) or at the first call for an
+    int K. Unlike lightly it wraps around (a batch that does not fit continues at row 0 instead of
+    being cut); a batch larger than K leaves its last K keys, as a ring buffer written row by row would.
+    gather_distributed=True needs torch.distributed; with more than one process it is not
+    implemented yet (NotImplementedError), on one process it changes nothing (as in lightly).
+    """
+
+    def __init__(
+        self,
+        temperature: float = 0.5,
+        memory_bank_size: Union[int, Sequence[int]] = 0,
+        gather_distributed: bool = False,
+        *,
+        reduction: str = "mean",
+        backend: str = "auto",
+    ):
         super().__init__()
         _checks.check_positive_scalar("temperature", temperature, torch.device("cpu"))
         _checks.check_reduction(reduction)
-        self.temperature, self.reduction, self.backend = temperature, reduction, backend
+        if backend not in _dispatch.BACKENDS:
+            raise ValueError(f"backend must be one of {_dispatch.BACKENDS}, got {backend!r}")
+        self.memory_bank_size = _memory_bank_size(memory_bank_size)
+        if gather_distributed and not dist.is_available():
+            raise ValueError("gather_distributed=True needs torch.distributed, which this torch build lacks")
+        self.temperature, self.gather_distributed = temperature, bool(gather_distributed)
+        self.reduction, self.backend = reduction, backend
+        self.memory_bank = None
+        if self.memory_bank_size[0] > 0 and len(self.memory_bank_size) == 2:
+            self._make_bank(self.memory_bank_size[1], None)
 
-    def forward(self, z1: Tensor, z2: Tensor) -> Tensor:
-        return nt_xent(z1, z2, self.temperature, reduction=self.reduction, backend=self.backend)
+    def _make_bank(self, dim: int, device) -> None:
+        from .moco import MoCoQueue  # moco imports this module
+
+        self.memory_bank = MoCoQueue(
+            self.memory_bank_size[0], dim, device=device, gather_distributed=False, backend=self.backend
+        )
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # an int-size bank is created at the first call: create it now from the saved one
+        saved = state_dict.get(prefix + "memory_bank.queue")
+        if saved is not None and self.memory_bank is None and self.memory_bank_size[0] > 0:
+            self._make_bank(saved.shape[1], saved.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
+        if self.gather_distributed and _world_size() > 1:
+            raise NotImplementedError(
+                "NTXentLoss(gather_distributed=True) with more than one process is not implemented yet"
+            )
+        if self.memory_bank_size[0] == 0:
+            return nt_xent(out0, out1, self.temperature, reduction=self.reduction, backend=self.backend)
+        return self._bank_loss(out0, out1)
+
+    def _bank_loss(self, out0: Tensor, out1: Tensor) -> Tensor:
+        from .moco import moco_loss
+
+        _checks.check_pair("out0", out0, "out1", out1)
+        if self.memory_bank is None:
+            self._make_bank(out0.shape[1], out0.device)
+        bank = self.memory_bank
+        if bank.queue.device != out0.device:
+            bank.to(out0.device)  # lightly moves its negatives to the features' device
+        negatives = bank.negatives()
+        dtype = torch.float64 if torch.float64 in (out0.dtype, negatives.dtype) else out0.dtype
+        if _dispatch.resolve(self.backend, out0.device, dtype, op="moco") == "torch":
+            negatives = negatives.clone()  # the reference keeps the queue for backward; the enqueue below writes it
+        per_row = moco_loss(out0, out1, negatives, self.temperature, reduction="none", backend=self.backend)
+        if out1.requires_grad and torch.is_grad_enabled():
+            per_row = per_row + self._positive_key_term(out0, out1, per_row)
+        if out0.requires_grad:
+            keys = out1.detach()
+            size = bank.queue.shape[0]
+            if keys.shape[0] > size:  # a ring buffer written row by row keeps the last K keys
+                with torch.no_grad():
+                    bank.ptr.add_(keys.shape[0] - size).remainder_(size)
+                keys = keys[-size:]
+            bank.enqueue(keys)
+        return reduce_loss(per_row, self.reduction)
+
+    def _positive_key_term(self, out0: Tensor, out1: Tensor, per_row: Tensor) -> Tensor:
+        """A zero-valued term whose gradient is lightly's gradient into out1 (moco_loss gives none).
+
+        loss_i = -s u_i . v_i + lse_i, v = n(out1), and P_i0 = exp(-loss_i) is the positive's
+        probability, so dloss_i / dv_i = -s (1 - P_i0) u_i (the positive's share of the lse is
+        s P_i0 u_i). 1 - P_i0 = -expm1(-loss_i) keeps its precision when the loss is small.
+        """
+        s = 1.0 / (self.temperature.detach() if isinstance(self.temperature, Tensor) else self.temperature)
+        u = reference.l2_normalize(out0.detach())
+        v = reference.l2_normalize(out1)
+        weight = -torch.expm1(-per_row.detach()) * s
+        term = -weight * (u * v).sum(dim=1)
+        return term - term.detach()
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, reduction={self.reduction!r}, backend={self.backend!r}"
+        return (
+            f"temperature={self.temperature}, memory_bank_size={self.memory_bank_size}, "
+            f"gather_distributed={self.gather_distributed}, reduction={self.reduction!r}, backend={self.backend!r}"
+        )
 
 
 class InfoNCELoss(nn.Module):
@@ -111,12 +254,40 @@ class InfoNCELoss(nn.Module):
 
 
 class ClipLoss(nn.Module):
-    """Drop-in for OpenCLIP's ClipLoss on one process: loss(image_features, text_features, logit_scale)."""
+    """Drop-in for OpenCLIP's ClipLoss: loss(image_features, text_features, logit_scale, logit_bias=None).
 
-    def __init__(self, normalize: bool = True, backend: str = "auto"):
+    Arguments in OpenCLIP's order, so `open_clip.create_loss(args)` builds it. Features are used as
+    given (normalize=True normalises them inside). `local_loss`, `gather_with_grad` only matter
+    with several processes; `cache_labels` has nothing to cache (no labels tensor exists).
+    world_size > 1 or use_horovod=True: NotImplementedError (the multi-process loss is not
+    implemented yet; cl_fast never silently computes a local loss in their place).
+    """
+
+    def __init__(
+        self,
+        local_loss: bool = False,
+        gather_with_grad: bool = False,
+        cache_labels: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        use_horovod: bool = False,
+        *,
+        normalize: bool = False,
+        backend: str = "auto",
+    ):
         super().__init__()
+        _check_world("ClipLoss", rank, world_size, use_horovod)
+        if backend not in _dispatch.BACKENDS:
+            raise ValueError(f"backend must be one of {_dispatch.BACKENDS}, got {backend!r}")
+        self.local_loss, self.gather_with_grad, self.cache_labels = local_loss, gather_with_grad, cache_labels
+        self.rank, self.world_size, self.use_horovod = rank, world_size, use_horovod
         self.normalize, self.backend = normalize, backend
 
-    def forward(self, image_features: Tensor, text_features: Tensor, logit_scale, output_dict: bool = False):
-        loss = clip_loss(image_features, text_features, logit_scale, normalize=self.normalize, backend=self.backend)
+    def forward(self, image_features: Tensor, text_features: Tensor, logit_scale, logit_bias=None, output_dict: bool = False):
+        loss = clip_loss(
+            image_features, text_features, logit_scale, logit_bias, normalize=self.normalize, backend=self.backend
+        )
         return {"contrastive_loss": loss} if output_dict else loss
+
+    def extra_repr(self) -> str:
+        return f"normalize={self.normalize}, world_size={self.world_size}, backend={self.backend!r}"

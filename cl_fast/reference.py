@@ -18,8 +18,16 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def l2_normalize(x: torch.Tensor) -> torch.Tensor:
-    """n(x) = x / max(||x||_2, eps), row-wise, computed in fp32 (float64 stays float64)."""
-    return F.normalize(x.to(_compute_dtype(x)), dim=1, eps=NORM_EPS)
+    """n(x) = x / max(||x||_2, eps), row-wise, computed in fp32 (float64 stays float64).
+
+    A row whose largest |x| exceeds 1 is divided by it first, so ||x||^2 cannot overflow for any
+    finite row (F.normalize gives NaN from |x| ~ 1e19 in fp32). n is scale-invariant past eps, and
+    the eps branch is scaled alongside, so the value and the gradient are those of the formula.
+    """
+    x = x.to(_compute_dtype(x))
+    row_max = x.detach().abs().amax(dim=1, keepdim=True).clamp_min(1.0)
+    scaled = x / row_max
+    return scaled / torch.linalg.vector_norm(scaled, dim=1, keepdim=True).clamp_min(NORM_EPS / row_max)
 
 
 def reduce_loss(per_row: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -30,6 +38,16 @@ def reduce_loss(per_row: torch.Tensor, reduction: str) -> torch.Tensor:
     return per_row
 
 
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-row cross-entropy of `logits` with target column `labels`, as SPEC.md asks for it:
+    softplus(lse of the other logits - the target's logit) = log1p(negatives' mass / positive's).
+    Equal to lse - S_pos, but a saturated row (loss near 0) keeps its relative precision, where
+    the difference of two numbers near the largest logit would cancel. Never negative."""
+    index = labels[:, None]
+    others = logits.scatter(1, index, float("-inf"))
+    return F.softplus(torch.logsumexp(others, dim=1) - logits.gather(1, index).squeeze(1))
+
+
 def nt_xent(z1, z2, temperature=0.5, *, reduction="mean"):
     """SimCLR NT-Xent over the M = 2N rows of cat(n(z1), n(z2)); self-similarity excluded."""
     n = z1.shape[0]
@@ -38,7 +56,7 @@ def nt_xent(z1, z2, temperature=0.5, *, reduction="mean"):
     eye = torch.eye(2 * n, dtype=torch.bool, device=z.device)
     logits = logits.masked_fill(eye, float("-inf"))
     positives = (torch.arange(2 * n, device=z.device) + n) % (2 * n)
-    return reduce_loss(F.cross_entropy(logits, positives, reduction="none"), reduction)
+    return reduce_loss(cross_entropy(logits, positives), reduction)
 
 
 def _cross_logits(query, key, scale, normalize=True):
@@ -53,17 +71,38 @@ def info_nce(query, key, temperature=0.1, *, symmetric=False, reduction="mean"):
     """InfoNCE q->k with positives on the diagonal; symmetric=True averages q->k and k->q."""
     logits = _cross_logits(query, key, 1.0 / temperature)
     labels = torch.arange(logits.shape[0], device=logits.device)
-    per_row = F.cross_entropy(logits, labels, reduction="none")
+    per_row = cross_entropy(logits, labels)
     if symmetric:
-        per_row = 0.5 * (per_row + F.cross_entropy(logits.T, labels, reduction="none"))
+        per_row = 0.5 * (per_row + cross_entropy(logits.T, labels))
     return reduce_loss(per_row, reduction)
 
 
-def clip_loss(image_features, text_features, logit_scale, *, normalize=True):
-    """OpenCLIP ClipLoss: 0.5 * (CE(S, arange) + CE(S^T, arange)), S = s * n(I) n(T)^T."""
+def clip_loss(image_features, text_features, logit_scale, logit_bias=None, *, normalize=False):
+    """OpenCLIP ClipLoss: 0.5 * (CE(S, arange) + CE(S^T, arange)), S = s * I T^T (+ b).
+
+    Features as given (OpenCLIP's convention); normalize=True uses n(I), n(T). The bias shifts
+    every logit, so it cancels in both softmaxes (its gradient is 0, as OpenCLIP's autograd gives).
+    """
     logits = _cross_logits(image_features, text_features, logit_scale, normalize)
+    if logit_bias is not None:
+        logits = logits + logit_bias
     labels = torch.arange(logits.shape[0], device=logits.device)
-    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+    return 0.5 * (cross_entropy(logits, labels).mean() + cross_entropy(logits.T, labels).mean())
+
+
+def siglip_loss(image_features, text_features, logit_scale, logit_bias, *, reduction="mean"):
+    """OpenCLIP SigLipLoss: -sum_ij logsigmoid(z_ij (s I_i . T_j + b)) / N, z = 2 eye(N) - 1.
+
+    Features as given. reduction="none" gives the per-image (row) sums; "mean" divides their
+    total by N (OpenCLIP's value), "sum" is the total.
+    """
+    logits = _cross_logits(image_features, text_features, logit_scale, normalize=False)
+    if logit_bias is not None:
+        logits = logits + logit_bias
+    n = logits.shape[0]
+    signs = 2 * torch.eye(n, dtype=logits.dtype, device=logits.device) - 1
+    per_row = -F.logsigmoid(signs * logits).sum(dim=1)
+    return reduce_loss(per_row, reduction)
 
 
 # ------------------------------------------------------------------------- MoCo and BYOL
@@ -80,7 +119,7 @@ def moco_loss(q, k, queue, temperature=0.07, *, reduction="mean"):
     l_neg = u @ negatives.T
     logits = torch.cat([l_pos, l_neg], dim=1) / temperature
     labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
-    return reduce_loss(F.cross_entropy(logits, labels, reduction="none"), reduction)
+    return reduce_loss(cross_entropy(logits, labels), reduction)
 
 
 @torch.no_grad()

@@ -20,8 +20,8 @@ Distributed (`group=` a process group): the rows are split over the ranks, B is 
 and the per-prototype log-sum-exps over the batch are all-reduced (the max first, then the sums
 rescaled to it), one pair of all-reduces per iteration; the per-sample steps stay local. The
 fused backends then run one kernel per step (`sinkhorn_col_lse`) with the all-reduce in between.
-`group=None` means no communication at all (lightly's default, sinkhorn_gather_distributed=False),
-even when a default process group exists: pass `torch.distributed.group.WORLD` to use it.
+`group=None` with gather_distributed=False (lightly's default) means no communication at all, even
+when a default process group exists; gather_distributed=True uses the default group.
 """
 from __future__ import annotations
 
@@ -81,18 +81,24 @@ def _as_float(name: str, value, device: torch.device) -> float:
 
 # ------------------------------------------------------------------------------ public API
 def sinkhorn(
-    scores: Tensor, epsilon: float = 0.05, iterations: int = 3, *, group=None, backend: str = "auto"
+    scores: Tensor, iterations: int = 3, epsilon: float = 0.05, gather_distributed: bool = False, *,
+    group=None, backend: str = "auto",
 ) -> Tensor:
     """SwAV's Sinkhorn-Knopp codes for prototype scores (B, K): (B, K) fp32, each row sums to 1.
 
+    lightly's argument order and names: sinkhorn(scores, iterations, epsilon, gather_distributed).
     Q = exp(scores / epsilon)^T normalised to total 1, then `iterations` times: rows (prototypes)
     to 1/K each, columns (samples) to 1/B each; returned times B and transposed. Computed in the
     log domain: finite for any finite scores (the plain formula overflows past scores / eps ~ 88).
-    With `group`, the batch is the concatenation of every rank's rows and the result equals the
-    single-process one on it (local rows returned); group=None never communicates.
-    No gradient: the result is detached (float64 scores give a float64 result, via the reference).
-    iterations=0 (no normalisation step: B times the global softmax) is computed by the reference.
+    With `group` (or gather_distributed=True: the default group, when torch.distributed is
+    initialised; a no-op otherwise, as in lightly), the batch is the concatenation of every rank's
+    rows and the result equals the single-process one on it (local rows returned); no group never
+    communicates. No gradient: the result is detached (float64 scores give a float64 result, via
+    the reference). iterations=0 (no normalisation step: B times the global softmax) is computed
+    by the reference.
     """
+    if group is None and gather_distributed and dist.is_available() and dist.is_initialized():
+        group = dist.group.WORLD
     _checks.check_features("scores", scores)
     epsilon = _as_float("epsilon", epsilon, scores.device)
     _check_iterations(iterations)
@@ -183,7 +189,7 @@ def swav_loss(
         scores = anchor.detach()
         if queue is not None:
             scores = torch.cat([scores, queue[i].detach().to(scores.dtype)])
-        q = sinkhorn(scores, sinkhorn_epsilon, sinkhorn_iterations, group=group, backend=backend)
+        q = sinkhorn(scores, iterations=sinkhorn_iterations, epsilon=sinkhorn_epsilon, group=group, backend=backend)
         codes.append(q[: anchor.shape[0]])
     # The cross-entropy is linear in the codes, so each crop's log-softmax is computed once and
     # scored against the sum of the codes it predicts (all q_i with i != its own index):
@@ -223,6 +229,8 @@ class SwAVLoss(nn.Module):
         _check_iterations(sinkhorn_iterations)
         if backend not in _dispatch.BACKENDS:
             raise ValueError(f"backend must be one of {_dispatch.BACKENDS}, got {backend!r}")
+        if sinkhorn_gather_distributed and not dist.is_available():
+            raise ValueError("sinkhorn_gather_distributed=True needs torch.distributed, which this torch build lacks")
         self.temperature = temperature
         self.sinkhorn_iterations = sinkhorn_iterations
         self.sinkhorn_epsilon = sinkhorn_epsilon

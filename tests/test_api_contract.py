@@ -22,7 +22,6 @@ def _pair(n=4, d=8, dtype=torch.float32):
 BAD_CALLS = [
     ("shape mismatch", lambda: cl_fast.nt_xent(torch.randn(4, 8), torch.randn(5, 8)), ValueError, "z1 and z2"),
     ("D mismatch", lambda: cl_fast.info_nce(torch.randn(4, 8), torch.randn(4, 9)), ValueError, "query and key"),
-    ("one row", lambda: cl_fast.nt_xent(*_pair(n=1)), ValueError, "z1"),
     ("zero rows", lambda: cl_fast.clip_loss(*_pair(n=0), 2.0), ValueError, "image_features"),
     ("1-D input", lambda: cl_fast.nt_xent(torch.randn(8), torch.randn(8)), ValueError, "z1 must be 2-D"),
     ("3-D input", lambda: cl_fast.info_nce(torch.randn(2, 4, 8), torch.randn(2, 4, 8)), ValueError, "query must be 2-D"),

@@ -69,16 +69,7 @@ def test_byol_loss_zero_and_tiny_rows_use_clamped_norm(backend, gen):
     check_against_float64(backend, p, z, "none", True, gen)
 
 
-CPU_NORM_OVERFLOW = pytest.mark.xfail(
-    strict=True, reason="CPU BYOL row norms square the raw rows (overflow past |x| ~ 2e19); the cpufix "
-    "helper's branch scales them by the row max (issue 11)",
-)
-
-
-@pytest.mark.parametrize(
-    "backend", [pytest.param(p.values[0], marks=list(p.marks) + ([CPU_NORM_OVERFLOW] if p.values[0] == "cpu" else []),
-                             id=p.id) for p in FUSED]  # the fp32 reference (F.normalize) overflows too
-)
+@pytest.mark.parametrize("backend", FUSED)  # the fp32 reference (F.normalize) overflows here
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda t: str(t)[6:])
 @pytest.mark.parametrize("d", [40, 300])  # one D chunk, and several (the running max is rescaled)
 def test_huge_rows_normalise_without_overflow(backend, dtype, d, gen):

@@ -20,10 +20,11 @@ LOSSES = {
     "infonce": [
         ("nt_xent", lambda x, y, t, queue, backend: cl_fast.nt_xent(x, y, t, backend=backend)),
         ("info_nce", lambda x, y, t, queue, backend: cl_fast.info_nce(x, y, t, symmetric=True, backend=backend)),
-        ("clip_loss", lambda x, y, t, queue, backend: cl_fast.clip_loss(x, y, 1 / t, backend=backend)),
+        ("clip_loss", lambda x, y, t, queue, backend: cl_fast.clip_loss(x, y, 1 / t, normalize=True, backend=backend)),
     ],
     "moco": [("moco_loss", lambda x, y, t, queue, backend: cl_fast.moco_loss(x, y, queue, t, backend=backend))],
     "byol": [("byol_loss", lambda x, y, t, queue, backend: cl_fast.byol_loss(x, y, backend=backend))],
+    "siglip": [("siglip_loss", lambda x, y, t, queue, backend: cl_fast.siglip_loss(x, y, 1 / t, -t, backend=backend))],
 }
 CASES = [
     pytest.param(name, loss, backend.values[0], marks=backend.marks, id=f"{name}-{backend.values[0]}")

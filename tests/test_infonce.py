@@ -35,7 +35,8 @@ def run_loss(name, a, b, scale_arg, backend, reduction="mean"):
     if name == "info_nce_sym":
         return cl_fast.info_nce(a, b, scale_arg, symmetric=True, reduction=reduction, backend=backend)
     assert reduction == "mean", "clip_loss has no reduction argument"
-    return cl_fast.clip_loss(a, b, scale_arg, backend=backend)
+    # the normalised rows (bounded logits) here; normalize=False (OpenCLIP's default) is tested in test_dropin.py
+    return cl_fast.clip_loss(a, b, scale_arg, normalize=True, backend=backend)
 
 
 def reference_loss(name, a, b, scale_arg, reduction="mean"):
@@ -46,7 +47,7 @@ def reference_loss(name, a, b, scale_arg, reduction="mean"):
         return reference.info_nce(a, b, scale_arg, reduction=reduction)
     if name == "info_nce_sym":
         return reference.info_nce(a, b, scale_arg, symmetric=True, reduction=reduction)
-    return reference.clip_loss(a, b, scale_arg)
+    return reference.clip_loss(a, b, scale_arg, normalize=True)
 
 
 def default_scale_arg(name):
@@ -113,7 +114,7 @@ def test_check_values_from_spec():
     b = torch.randn(8, 16, dtype=torch.float64)
     assert cl_fast.nt_xent(a, b, 0.5).item() == pytest.approx(2.85170, abs=5e-6)
     assert cl_fast.info_nce(a, b, 0.5).item() == pytest.approx(2.17937, abs=5e-6)
-    assert cl_fast.clip_loss(a, b, 2.0).item() == pytest.approx(2.18190, abs=5e-6)
+    assert cl_fast.clip_loss(a, b, 2.0, normalize=True).item() == pytest.approx(2.18190, abs=5e-6)
 
 
 @pytest.mark.parametrize("backend", fused_backend_params())
@@ -123,14 +124,14 @@ def test_check_values_fused_fp32(backend):
     b = torch.randn(8, 16, dtype=torch.float64).float().to(DEVICE)
     assert cl_fast.nt_xent(a, b, 0.5, backend=backend).item() == pytest.approx(2.85170, abs=5e-5)
     assert cl_fast.info_nce(a, b, 0.5, backend=backend).item() == pytest.approx(2.17937, abs=5e-5)
-    assert cl_fast.clip_loss(a, b, 2.0, backend=backend).item() == pytest.approx(2.18190, abs=5e-5)
+    assert cl_fast.clip_loss(a, b, 2.0, normalize=True, backend=backend).item() == pytest.approx(2.18190, abs=5e-5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_symmetric_info_nce_is_clip_with_inverse_temperature(backend, gen):
     a, b = randn(20, 30, generator=gen), randn(20, 30, generator=gen)
     sym = cl_fast.info_nce(a, b, 0.25, symmetric=True, backend=backend)
-    clip = cl_fast.clip_loss(a, b, 4.0, backend=backend)
+    clip = cl_fast.clip_loss(a, b, 4.0, normalize=True, backend=backend)
     torch.testing.assert_close(sym, clip, rtol=1e-5, atol=1e-6)
 
 
@@ -158,5 +159,3 @@ def test_clip_normalize_false_uses_raw_features(gen):
     labels = torch.arange(6)
     expected = 0.5 * (torch.nn.functional.cross_entropy(logits, labels) + torch.nn.functional.cross_entropy(logits.T, labels))
     torch.testing.assert_close(cl_fast.clip_loss(a, b, 3.0, normalize=False).double(), expected, rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match="normalize"):
-        cl_fast.clip_loss(a, b, 3.0, normalize=False, backend="cpu")

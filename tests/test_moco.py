@@ -105,16 +105,7 @@ def test_tiny_loss_keeps_relative_precision(backend, gen):
     check_against_float64(backend, q, k, queue, 0.1, "none", gen)
 
 
-CPU_NORM_OVERFLOW = pytest.mark.xfail(
-    strict=True, reason="CPU moco row norms square the raw rows (overflow past |x| ~ 2e19); the cpufix "
-    "helper's branch scales them by the row max (issue 11)",
-)
-
-
-@pytest.mark.parametrize(
-    "backend", [pytest.param(p.values[0], marks=list(p.marks) + ([CPU_NORM_OVERFLOW] if p.values[0] == "cpu" else []),
-                             id=p.id) for p in FUSED]  # the fp32 reference (F.normalize) overflows too
-)
+@pytest.mark.parametrize("backend", FUSED)  # the fp32 reference (F.normalize) overflows here
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda t: str(t)[6:])
 def test_huge_rows_normalise_without_overflow(backend, dtype, gen):
     """Rows of |x| ~ 1e30 (their squares overflow fp32) give the loss of the unscaled rows, and the

@@ -51,13 +51,6 @@ def _grads(loss, inputs):
     return torch.autograd.grad(loss, inputs, allow_unused=True)
 
 
-INFONCE_HOST_READ = pytest.mark.xfail(
-    raises=HostRead, strict=True,
-    reason="triton_kernels/infonce.py still reads the scale on the host (float(scale) picks the fixed "
-           "shift); its rewrite for issue 7 (the triton helper's branch) loads it on the device",
-)
-
-
 def _nt_xent(gen):
     z1, z2 = _features(gen)
     t = torch.tensor(0.3, device=DEVICE, requires_grad=True)
@@ -67,12 +60,25 @@ def _nt_xent(gen):
 def _clip(gen):
     a, b = _features(gen)
     s = torch.tensor(3.0, device=DEVICE, requires_grad=True)
-    return lambda: _grads(cl_fast.clip_loss(a, b, s, backend="triton"), (a, s))
+    return lambda: _grads(cl_fast.clip_loss(a, b, s, normalize=True, backend="triton"), (a, s))
 
 
 def _info_nce(gen):
     a, b = _features(gen)
     return lambda: _grads(cl_fast.info_nce(a, b, 0.2, backend="triton"), (a,))
+
+
+def _clip_as_given(gen):
+    a, b = _features(gen)
+    s = torch.tensor(3.0, device=DEVICE, requires_grad=True)
+    return lambda: _grads(cl_fast.clip_loss(a, b, s, normalize=False, backend="triton"), (a, s))
+
+
+def _siglip(gen):
+    a, b = _features(gen)
+    s = torch.tensor(10.0, device=DEVICE, requires_grad=True)
+    bias = torch.tensor(-10.0, device=DEVICE, requires_grad=True)
+    return lambda: _grads(cl_fast.siglip_loss(a, b, s, bias, backend="triton"), (a, s, bias))
 
 
 def _moco(gen):
@@ -105,9 +111,11 @@ def _swav(gen):
 
 
 CASES = [
-    pytest.param(_nt_xent, id="nt_xent", marks=INFONCE_HOST_READ),
-    pytest.param(_clip, id="clip_loss", marks=INFONCE_HOST_READ),
-    pytest.param(_info_nce, id="info_nce", marks=INFONCE_HOST_READ),
+    pytest.param(_nt_xent, id="nt_xent"),
+    pytest.param(_clip, id="clip_loss"),
+    pytest.param(_info_nce, id="info_nce"),
+    pytest.param(_clip_as_given, id="clip_loss-normalize=False"),
+    pytest.param(_siglip, id="siglip_loss"),
     pytest.param(_moco, id="moco_loss"),
     pytest.param(_queue_update, id="queue_update_"),
     pytest.param(_byol, id="byol_loss"),

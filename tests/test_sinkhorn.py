@@ -50,7 +50,7 @@ def fp32_tolerance(scores, epsilon):
 @pytest.mark.parametrize("iterations", ITERATIONS)
 def test_matches_float64(backend, shape, iterations, gen):
     scores = randn(*shape, generator=gen)
-    out = swav.sinkhorn(scores, 0.05, iterations, backend=backend)
+    out = swav.sinkhorn(scores, epsilon=0.05, iterations=iterations, backend=backend)
     assert out.dtype == torch.float32 and out.shape == shape and out.device == scores.device
     assert not out.requires_grad
     assert rel_err(out, float64_codes(scores, 0.05, iterations)) < RTOL[torch.float32]
@@ -63,7 +63,7 @@ def test_input_dtypes(backend, dtype, shape, gen):
     """fp16/bf16 scores are read as they are and computed in fp32: against float64 on the same
     rounded values, every dtype keeps fp32 accuracy; the result is fp32."""
     scores = randn(*shape, dtype=dtype, generator=gen)
-    out = swav.sinkhorn(scores, 0.05, 3, backend=backend)
+    out = swav.sinkhorn(scores, epsilon=0.05, iterations=3, backend=backend)
     assert out.dtype == torch.float32
     assert rel_err(out, float64_codes(scores, 0.05, 3)) < RTOL[torch.float32]
 
@@ -76,7 +76,7 @@ def test_agrees_with_plain_swav_formula(backend, iterations, gen):
     scores = randn(45, 23, generator=gen) * 0.5
     plain = reference.sinkhorn_plain(scores.double(), 0.05, iterations)
     assert torch.isfinite(plain).all()
-    out = swav.sinkhorn(scores, 0.05, iterations, backend=backend)
+    out = swav.sinkhorn(scores, epsilon=0.05, iterations=iterations, backend=backend)
     assert rel_err(out, plain) < RTOL[torch.float32]
 
 
@@ -98,7 +98,7 @@ def test_marginals(backend, iterations, gen):
     """Each row sums to 1 (the last step normalises samples), and the prototype marginals are
     the float64 evaluation's (balanced only as the iterations converge: see the next test)."""
     scores = randn(70, 29, generator=gen)
-    out = swav.sinkhorn(scores, 0.05, iterations, backend=backend)
+    out = swav.sinkhorn(scores, epsilon=0.05, iterations=iterations, backend=backend)
     torch.testing.assert_close(out.sum(1).double().cpu(), torch.ones(70, dtype=torch.float64), rtol=0, atol=1e-5)
     expected = float64_codes(scores, 0.05, iterations).sum(0)
     assert rel_err(out.sum(0), expected) < RTOL[torch.float32]
@@ -109,7 +109,7 @@ def test_marginals_converge_to_equipartition(backend, gen):
     """With enough iterations the codes split the batch equally: each prototype gets B / K."""
     batch, protos = 60, 12
     scores = randn(batch, protos, generator=gen) * 0.1
-    out = swav.sinkhorn(scores, 0.05, 30, backend=backend).double().cpu()
+    out = swav.sinkhorn(scores, epsilon=0.05, iterations=30, backend=backend).double().cpu()
     torch.testing.assert_close(out.sum(1), torch.ones(batch, dtype=torch.float64), rtol=0, atol=1e-5)
     equal_share = torch.full((protos,), batch / protos, dtype=torch.float64)
     torch.testing.assert_close(out.sum(0), equal_share, rtol=1e-4, atol=0)
@@ -136,7 +136,7 @@ def test_finite_far_beyond_exp_range(backend, spread, iterations, gen):
     scores = spread_scores(41, 27, gen, *spread)
     assert float(scores.abs().max()) / epsilon > 10 * 88  # the plain formula overflows here ...
     assert not torch.isfinite(reference.sinkhorn_plain(scores, epsilon, iterations)).all()
-    out = swav.sinkhorn(scores, epsilon, iterations, backend=backend)  # ... and this does not
+    out = swav.sinkhorn(scores, epsilon=epsilon, iterations=iterations, backend=backend)  # ... and this does not
     assert torch.isfinite(out).all()
     assert rel_err(out, float64_codes(scores, epsilon, iterations)) < fp32_tolerance(scores, epsilon)
 
@@ -149,7 +149,7 @@ def test_non_finite_scores_give_nan(backend, bad, gen):
     scores = randn(20, 11, generator=gen)
     scores[3, 4] = bad
     assert torch.isnan(reference.sinkhorn_plain(scores, 0.05, 3)).all()
-    assert torch.isnan(swav.sinkhorn(scores, 0.05, 3, backend=backend)).all()
+    assert torch.isnan(swav.sinkhorn(scores, epsilon=0.05, iterations=3, backend=backend)).all()
 
 
 # ---------------------------------------------------------------------------------- properties
@@ -206,7 +206,7 @@ def test_no_batch_by_prototype_intermediate_on_cpu(backend, gen):
     batch, protos = 300, 257
     scores = torch.randn(batch, protos, generator=gen)
     out_bytes = batch * protos * 4
-    sizes = _cpu_allocations(lambda: swav.sinkhorn(scores, 0.05, 3, backend=backend))
+    sizes = _cpu_allocations(lambda: swav.sinkhorn(scores, epsilon=0.05, iterations=3, backend=backend))
     assert sizes[0] >= out_bytes
     if backend == "torch":
         assert sizes[1] >= out_bytes  # the eager reference: a (K, B) log Q per step
@@ -232,9 +232,9 @@ def test_no_batch_by_prototype_intermediate_on_gpu(backend, gen):
 @pytest.mark.parametrize("backend", FUSED)
 def test_compile_fullgraph_no_graph_break(backend, gen):
     torch._dynamo.reset()
-    compiled = torch.compile(lambda s: swav.sinkhorn(s, 0.05, 3, backend=backend), fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(lambda s: swav.sinkhorn(s, epsilon=0.05, iterations=3, backend=backend), fullgraph=True, backend="aot_eager")
     scores = randn(20, 9, generator=gen)
-    torch.testing.assert_close(compiled(scores), swav.sinkhorn(scores, 0.05, 3, backend=backend), rtol=0, atol=0)
+    torch.testing.assert_close(compiled(scores), swav.sinkhorn(scores, epsilon=0.05, iterations=3, backend=backend), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("backend", FUSED)
@@ -288,7 +288,7 @@ def test_float64_needs_the_reference(backend):
 
 def test_float64_auto_is_exact(gen):
     scores = randn(11, 6, dtype=torch.float64, generator=gen) * 100  # scores / eps = 2000
-    out = swav.sinkhorn(scores, 0.05, 3)
+    out = swav.sinkhorn(scores, epsilon=0.05, iterations=3)
     assert out.dtype == torch.float64 and torch.isfinite(out).all()
     torch.testing.assert_close(out.sum(1), torch.ones(11, dtype=torch.float64, device=out.device))
 

@@ -64,10 +64,10 @@ def _worker(rank, init_file, backends, out_dir):
             scores, extreme, crops = _inputs(device)
             res = {}
             for it in ITERATIONS:
-                res[f"dist{it}"] = swav.sinkhorn(scores[rows], 0.05, it, group=dist.group.WORLD, backend=backend)
-                res[f"single{it}"] = swav.sinkhorn(scores, 0.05, it, backend=backend)
-            res["local"] = swav.sinkhorn(scores[rows], 0.05, 3, backend=backend)  # group=None: no all-reduce
-            res["extreme"] = swav.sinkhorn(extreme[rows], 0.02, 3, group=dist.group.WORLD, backend=backend)
+                res[f"dist{it}"] = swav.sinkhorn(scores[rows], epsilon=0.05, iterations=it, group=dist.group.WORLD, backend=backend)
+                res[f"single{it}"] = swav.sinkhorn(scores, epsilon=0.05, iterations=it, backend=backend)
+            res["local"] = swav.sinkhorn(scores[rows], epsilon=0.05, iterations=3, backend=backend)  # group=None: no all-reduce
+            res["extreme"] = swav.sinkhorn(extreme[rows], epsilon=0.02, iterations=3, group=dist.group.WORLD, backend=backend)
             leaves = [c[rows].clone().requires_grad_() for c in crops]
             criterion = swav.SwAVLoss(sinkhorn_gather_distributed=True, backend=backend)
             loss = criterion(leaves[:2], leaves[2:])

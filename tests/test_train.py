@@ -57,9 +57,15 @@ def test_evaluation_reports_trained_and_random_init_accuracy(tmp_path):
     assert any(line.startswith("linear accuracy:") for line in lines)
 
 
-def test_swav_without_multi_crop(tmp_path):
-    result, _ = train("swav", tmp_path, "--steps", "2", "--small-crops", "0")
-    assert len(result.losses) == 2
+def test_swav_multi_crop(tmp_path):
+    result, _ = train("swav", tmp_path, "--steps", "2", "--small-crops", "2")
+    assert len(result.losses) == 2 and all(math.isfinite(x) for x in result.losses)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_bf16_autocast(method, tmp_path):
+    result, _ = train(method, tmp_path, "--steps", "2", "--precision", "bf16")
+    assert len(result.losses) == 2 and all(math.isfinite(x) for x in result.losses)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -120,6 +126,7 @@ BAD = [
     (["simclr", "--precision", "fp16"], "argument --precision"),
     (["simclr", "--device", "tpu"], "argument --device"),
     (["moco", "--momentum", "1.5"], "argument --momentum"),
+    (["moco", "--queue-size", "16"], "argument --queue-size: 16 is smaller than the 512 keys"),
     (["byol", "--temperature", "0.1"], "unrecognized arguments: --temperature"),
     (["simclr", "--data", "{tmp}/missing"], "does not exist"),
     (["simclr", "--data", "{tmp}/a_file.txt"], "is a file"),
@@ -230,3 +237,25 @@ def test_blur_equals_a_per_image_convolution():
         x = F.conv2d(x, k.view(1, 1, 1, -1).repeat(3, 1, 1, 1), groups=3)
         x = F.conv2d(x, k.view(1, 1, -1, 1).repeat(3, 1, 1, 1), groups=3)
         torch.testing.assert_close(blurred[i: i + 1], x, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------ torchrun (DDP, gloo)
+def test_two_ranks_under_torchrun(tmp_path, capsys):
+    """2 ranks with gloo: MoCo's queue is all-gathered, DDP averages the gradients, rank 0 writes
+    one checkpoint holding both ranks' generator states (resuming it on 1 rank is a clear error)."""
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("needs torch.distributed with gloo")
+    out = tmp_path / "ddp"
+    env = dict(os.environ, PYTHONPATH=os.getcwd(), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "cl_fast", "train", "moco", *TINY, "--queue-size", "256", "--steps", "3", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("first loss") == 1  # rank 0 reports, rank 1 stays quiet
+    payload = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert payload["step"] == 3 and len(payload["augment"]) == 2
+    queue = payload["model"]["queue.queue"]
+    assert int(payload["model"]["queue.ptr"]) == 3 * 2 * 2 * 32 % queue.shape[0]  # steps x views x ranks x batch
+    with pytest.raises(SystemExit):
+        cli.run(["moco", "--resume", str(out / "checkpoint.pt")], log=lambda line: None)
+    assert "written by 2 rank(s)" in capsys.readouterr().err

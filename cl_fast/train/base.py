@@ -63,6 +63,9 @@ class Method(nn.Module):
     def outputs(self, views: list[Tensor]) -> tuple[list[Tensor], dict]:
         raise NotImplementedError
 
+    def forward(self, views: list[Tensor]) -> tuple[list[Tensor], dict]:
+        return self.outputs(views)  # DistributedDataParallel wraps the method and calls this
+
     def loss(self, outputs: list[Tensor], context: dict) -> Tensor:
         raise NotImplementedError
 

@@ -16,7 +16,7 @@ from .schedule import cosine_tau
 class BYOL(Method):
     name = "byol"
     description = "BYOL: cl_fast.byol_loss between the online prediction and the EMA target's projection"
-    defaults = dict(epochs=30, batch_size=256, lr=2e-3, temperature=None, warmup_epochs=3)
+    defaults = dict(epochs=60, batch_size=256, lr=2e-3, temperature=None, warmup_epochs=3)
 
     def __init__(self, config: MethodConfig, in_channels: int):
         super().__init__(config, in_channels)

@@ -28,7 +28,7 @@ COMMON_DEFAULTS = dict(
 METHOD_DEFAULTS = {
     "moco": dict(momentum=0.99, queue_size=4096),
     "byol": dict(momentum=0.99),
-    "swav": dict(prototypes=30, freeze_prototypes_steps=20, small_crops=2, sinkhorn_iterations=3, sinkhorn_epsilon=0.05),
+    "swav": dict(prototypes=30, freeze_prototypes_steps=20, small_crops=0, sinkhorn_iterations=3, sinkhorn_epsilon=0.05),
 }
 
 
@@ -232,6 +232,12 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser):
         if values["loss_backend"] not in here:
             parser.error(f"argument --loss-backend: {values['loss_backend']!r} cannot run {args.method}'s loss on "
                          f"{device} tensors here; available: {', '.join(['auto'] + here)}")
+    if args.method == "moco":
+        ranks = int(os.environ.get("WORLD_SIZE", "1"))
+        keys_per_step = 2 * values["batch_size"] * ranks  # both views' keys, all ranks' (gathered)
+        if values["queue_size"] < keys_per_step:
+            parser.error(f"argument --queue-size: {values['queue_size']} is smaller than the {keys_per_step} keys "
+                         f"enqueued per step (2 views x batch size {values['batch_size']} x {ranks} rank(s))")
     if values.get("threads"):
         import torch
 

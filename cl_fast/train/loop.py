@@ -17,6 +17,7 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from . import data as data_mod
+from . import distributed
 from .augment import Augment, AugmentConfig
 from .base import Method, MethodConfig
 from .evaluate import evaluate
@@ -104,12 +105,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def build(config: RunConfig, methods: dict) -> tuple:
+def build(config: RunConfig, methods: dict, device: torch.device, ranks) -> tuple:
     """Data, method, optimiser, scheduler, augmentations and the checkpoint to resume (if any).
     Raises DataError / CheckpointError before anything is written."""
     from .schedule import warmup_cosine
 
-    device = torch.device(config.device)
     dataset = data_mod.load(config.data, config.image_size).to(device)
     torch.manual_seed(config.seed)
     random.seed(config.seed)
@@ -121,41 +121,60 @@ def build(config: RunConfig, methods: dict) -> tuple:
     if config.resume:
         resumed = ckpt.load(config.resume)
         ckpt.check_compatible(resumed, config.resume, config.method, shape)
+        if len(resumed["augment"]) != ranks.world:
+            raise ckpt.CheckpointError(
+                f"--resume: {config.resume} was written by {len(resumed['augment'])} rank(s); resume it with as many, "
+                f"not {ranks.world}"
+            )
     n_train = dataset.train_images.shape[0]
-    steps_per_epoch = max(1, n_train // config.batch_size)
+    steps_per_epoch = max(1, n_train // (config.batch_size * ranks.world))
     total_steps = config.steps if config.steps is not None else max(1, math.ceil(config.epochs * steps_per_epoch))
     warmup = int(round(config.warmup_epochs * steps_per_epoch))
     optimizer = torch.optim.AdamW(method.trainable_parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = warmup_cosine(optimizer, warmup, total_steps)
-    augment = Augment(AugmentConfig.for_data(dataset.name, dataset.channels), device, config.seed)
+    augment = Augment(AugmentConfig.for_data(dataset.name, dataset.channels), device, config.seed + 7919 * ranks.rank)
     return dataset, method, shape, optimizer, scheduler, augment, resumed, total_steps, steps_per_epoch
 
 
 def train(config: RunConfig, methods: dict, log=print) -> RunResult:
-    device = torch.device(config.device)
-    dataset, method, shape, optimizer, scheduler, augment, resumed, total_steps, steps_per_epoch = build(config, methods)
+    ranks, device = distributed.setup(config.device)
+    try:
+        return _train(config, methods, log if ranks.is_main else (lambda line: None), ranks, device)
+    finally:
+        distributed.teardown(ranks)
+
+
+def _train(config: RunConfig, methods: dict, log, ranks, device) -> RunResult:
+    dataset, method, shape, optimizer, scheduler, augment, resumed, total_steps, steps_per_epoch = build(
+        config, methods, device, ranks)
     init_encoder = {k: v.detach().cpu().clone() for k, v in method.encoder.state_dict().items()}
     losses, loss_seconds, step_seconds, start = [], [], [], 0
     if resumed is not None:
         method.load_state_dict(resumed["model"])
         optimizer.load_state_dict(resumed["optimizer"])
         scheduler.load_state_dict(resumed["scheduler"])
-        augment.load_state_dict(resumed["augment"])
-        ckpt.set_rng_state(resumed["rng"], device)
+        augment.load_state_dict(resumed["augment"][ranks.rank])
+        ckpt.set_rng_state(resumed["rng"][ranks.rank], device)
         init_encoder = resumed["init_encoder"]
         losses, loss_seconds, step_seconds = resumed["losses"], resumed["loss_seconds"], resumed["step_seconds"]
         start = resumed["step"]
         if start >= total_steps:
             log(f"checkpoint {config.resume} is already at step {start} of {total_steps}: nothing to train")
-    os.makedirs(config.out, exist_ok=True)
+    if ranks.is_main:
+        os.makedirs(config.out, exist_ok=True)
     checkpoint_path = os.path.join(config.out, "checkpoint.pt")
     save_every = config.save_every or steps_per_epoch
 
     def save(step: int) -> None:
+        # every rank's generators (collective), one file written by rank 0
+        augment_states = distributed.gather(ranks, augment.state_dict())
+        rng_states = distributed.gather(ranks, ckpt.rng_state(device))
+        if not ranks.is_main:
+            return
         ckpt.save(checkpoint_path, {
             "method": config.method, "shape": shape, "step": step, "total_steps": total_steps,
             "model": method.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "augment": augment.state_dict(), "rng": ckpt.rng_state(device), "init_encoder": init_encoder,
+            "augment": augment_states, "rng": rng_states, "init_encoder": init_encoder,
             "losses": losses, "loss_seconds": loss_seconds, "step_seconds": step_seconds,
             "config": _plain(config),
         })
@@ -164,20 +183,26 @@ def train(config: RunConfig, methods: dict, log=print) -> RunResult:
     images = dataset.train_images
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
     bar = None
-    if config.progress:
+    if config.progress and ranks.is_main:
         from tqdm import tqdm
 
         bar = tqdm(total=total_steps, initial=start, desc=f"{config.method} ({method.config.loss_backend} loss)",
                    unit="step", dynamic_ncols=True, file=sys.stderr)
     method.train()
+    model = method
+    if ranks.enabled:  # averages the gradients over the ranks during the backward
+        model = torch.nn.parallel.DistributedDataParallel(
+            method, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
     interrupted, train_start, done = False, time.perf_counter(), start
     with _StopRequest() as stop_request:
         for step in range(start, stop):
             t0 = time.perf_counter()
-            batch = images[data_mod.batch_indices(images.shape[0], config.batch_size, step, config.seed).to(device)]
-            views = method.views(batch, augment, dataset.image_size)
+            # this rank's slice of the global batch (batch size x ranks)
+            index = data_mod.batch_indices(images.shape[0], config.batch_size * ranks.world, step, config.seed)
+            index = index[ranks.rank * config.batch_size: (ranks.rank + 1) * config.batch_size]
+            views = method.views(images[index.to(device)], augment, dataset.image_size)
             with autocast:
-                outputs, context = method.outputs(views)
+                outputs, context = model(views)
             # The loss runs on detached copies of the network outputs, so its forward and backward
             # can be timed on their own; the gradients then continue through the networks.
             leaves = [out.detach().requires_grad_() for out in outputs]
@@ -209,7 +234,7 @@ def train(config: RunConfig, methods: dict, log=print) -> RunResult:
                 bar.set_postfix(loss=f"{value:.4f}", samples_per_s=f"{config.batch_size * len(step_seconds[window]) / seconds:.0f}",
                                 loss_share=f"{100 * sum(loss_seconds[window]) / seconds:.1f}%", refresh=False)
                 bar.update(1)
-            if stop_request.requested:
+            if distributed.any_rank(ranks, stop_request.requested, device):
                 interrupted = True
                 break
             if done % save_every == 0 and done < stop:
@@ -223,9 +248,10 @@ def train(config: RunConfig, methods: dict, log=print) -> RunResult:
     if interrupted or done < total_steps:
         log(f"stopped at step {done} of {total_steps}; checkpoint {checkpoint_path} "
             f"(continue with: python -m cl_fast train {config.method} --resume {checkpoint_path})")
-    if config.eval and not interrupted:
+    if config.eval and not interrupted and ranks.is_main:
         result.accuracy = _evaluate(method, init_encoder, dataset, config, device)
-    _report(result, config, log)
+    if ranks.is_main:
+        _report(result, config, log)
     return result
 
 

@@ -32,7 +32,7 @@ class SwAV(Method):
         self.normalize_prototypes()
         self.criterion = cl_fast.SwAVLoss(
             temperature=config.temperature, sinkhorn_iterations=config.sinkhorn_iterations,
-            sinkhorn_epsilon=config.sinkhorn_epsilon, backend=config.loss_backend,
+            sinkhorn_epsilon=config.sinkhorn_epsilon, sinkhorn_gather_distributed=True, backend=config.loss_backend,
         )
 
     @torch.no_grad()

@@ -45,6 +45,16 @@ const float* row_f32(const scalar_t* row, int64_t dim, float* buffer) {
   }
 }
 
+// A large row (max |x| > 2^50, cpu_vec.h) scaled by 2^-e into `buffer` (exact), so that its
+// norm and dot products stay in fp32's range for any finite input; *e = 0 leaves it as it is.
+// cos and n(x) do not change; the gradient of a scaled row is scaled by 2^-e back.
+const float* in_range_row(const float* row, int64_t dim, float* buffer, int* e) {
+  *e = row_scale_exponent(max_abs(row, dim));
+  if (*e == 0) return row;
+  scale_row_pow2(row, buffer, dim, *e);
+  return buffer;
+}
+
 template <typename scalar_t>
 void store_row(const float* src, scalar_t* dst, int64_t dim) {
   for (int64_t j = 0; j < dim; ++j) from_f32(src[j], dst + j);
@@ -65,12 +75,13 @@ std::tuple<at::Tensor, at::Tensor> byol_fwd(const at::Tensor& p_in, const at::Te
     at::parallel_for(0, N, std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1)), [&](int64_t begin, int64_t end) {
       std::vector<float> pbuf(D), zbuf(D);
       for (int64_t i = begin; i < end; ++i) {
-        const float* pr = row_f32(p_data + i * D, D, pbuf.data());
-        const float* zr = row_f32(z_data + i * D, D, zbuf.data());
+        int ep, ez;
+        const float* pr = in_range_row(row_f32(p_data + i * D, D, pbuf.data()), D, pbuf.data(), &ep);
+        const float* zr = in_range_row(row_f32(z_data + i * D, D, zbuf.data()), D, zbuf.data(), &ez);
         const float np = std::sqrt(dot(pr, pr, D)), nz = std::sqrt(dot(zr, zr, D));
         const float cos = dot(pr, zr, D) / (std::max(np, kNormEps) * std::max(nz, kNormEps));
-        stat[3 * i] = np;
-        stat[3 * i + 1] = nz;
+        stat[3 * i] = std::ldexp(np, ep);  // the true norms (inf only beyond FLT_MAX)
+        stat[3 * i + 1] = std::ldexp(nz, ez);
         stat[3 * i + 2] = cos;
         loss_data[i] = 2.f - 2.f * cos;
       }
@@ -97,21 +108,27 @@ std::tuple<at::Tensor, at::Tensor> byol_bwd(const at::Tensor& grad, const at::Te
     at::parallel_for(0, N, std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1)), [&](int64_t begin, int64_t end) {
       std::vector<float> pbuf(D), zbuf(D), out(D);
       for (int64_t i = begin; i < end; ++i) {
-        const float* pr = row_f32(p_data + i * D, D, pbuf.data());
-        const float* zr = row_f32(z_data + i * D, D, zbuf.data());
-        const float np = stat[3 * i], nz = stat[3 * i + 1], cos = stat[3 * i + 2];
+        int ep, ez;
+        const float* pr = in_range_row(row_f32(p_data + i * D, D, pbuf.data()), D, pbuf.data(), &ep);
+        const float* zr = in_range_row(row_f32(z_data + i * D, D, zbuf.data()), D, zbuf.data(), &ez);
+        // norms of the rows as scaled (a scaled row's norm recomputed, as the forward had it)
+        const float np = ep == 0 ? stat[3 * i] : std::sqrt(dot(pr, pr, D));
+        const float nz = ez == 0 ? stat[3 * i + 1] : std::sqrt(dot(zr, zr, D));
+        const float cos = stat[3 * i + 2];
         const float rp = 1.f / std::max(np, kNormEps), rz = 1.f / std::max(nz, kNormEps);
         // dp = -2 g r_p (r_z z - [||p|| > eps] cos r_p p)
         {
           const float a = -2.f * g_data[i] * rp * rz;
           const float b = np > kNormEps ? 2.f * g_data[i] * rp * cos * rp : 0.f;
           at::vec::map2([a, b](Vec zz, Vec pp) { return zz * Vec(a) + pp * Vec(b); }, out.data(), zr, pr, D);
+          if (ep != 0) scale_row_pow2(out.data(), out.data(), D, ep);  // d/dp = 2^-e d/dp'
           store_row(out.data(), dp_data + i * D, D);
         }
         if (need_dz) {
           const float a = -2.f * g_data[i] * rz * rp;
           const float b = nz > kNormEps ? 2.f * g_data[i] * rz * cos * rz : 0.f;
           at::vec::map2([a, b](Vec pp, Vec zz) { return pp * Vec(a) + zz * Vec(b); }, out.data(), pr, zr, D);
+          if (ez != 0) scale_row_pow2(out.data(), out.data(), D, ez);
           store_row(out.data(), dz_data + i * D, D);
         }
       }

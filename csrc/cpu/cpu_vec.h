@@ -20,6 +20,7 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <cmath>
 #include <cstdint>
 
 namespace cl_fast::cpu {
@@ -60,6 +61,21 @@ inline Vec exp_fast(const Vec& x) {
   return Vec::blendv(p * at::vec::cast<float>(exponent), Vec(0.f), underflow);
 }
 
+// a * b + c with ONE rounding on every target: at::vec::fmadd is the fused instruction on AVX2 /
+// AVX-512, while the DEFAULT (scalar) Vectorized computes a * b + c with two roundings.
+inline Vec fma_exact(const Vec& a, const Vec& b, const Vec& c) {
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  return at::vec::fmadd(a, b, c);
+#else
+  alignas(64) float x[kVec], y[kVec], z[kVec];
+  a.store(x);
+  b.store(y);
+  c.store(z);
+  for (int64_t l = 0; l < kVec; ++l) x[l] = std::fma(x[l], y[l], z[l]);
+  return Vec::loadu(x);
+#endif
+}
+
 inline float dot(const float* a, const float* b, int64_t n) {
   Vec acc(0.f);
   int64_t j = 0;
@@ -69,6 +85,66 @@ inline float dot(const float* a, const float* b, int64_t n) {
     acc = at::vec::fmadd(Vec::loadu(a + j, rest), Vec::loadu(b + j, rest), acc);
   }
   return hsum(acc);
+}
+
+}  // namespace cl_fast::cpu
+
+namespace cl_fast::cpu {
+
+// ---- row norms without overflow --------------------------------------------------------------
+//
+// A row is "large" when its max |x| exceeds 2^50: then sum x^2 (or a dot of two such rows, up to
+// D * 2^100) could leave fp32's range (2^128) for a large D, and sqrt(sum x^2) overflows to inf
+// from |x| ~ 2e19 on. Large rows are scaled by 2^-e (e = the exponent of max |x|, so the scaled
+// max lies in [1, 2)), as torch.linalg.vector_norm does: a power of two scales exactly, so every
+// row not large keeps its bits and ordinary inputs give the results they gave before. Small rows
+// are never scaled: a row with ||x|| below 1e-12 is clamped by the normalisation anyway, and its
+// squares stay normal floats down to |x| ~ 1e-19 (norm 1e-19 sqrt(D) << 1e-12).
+constexpr float kLargeRowMax = 1125899906842624.f;  // 2^50
+
+// max_j |x_j|; NaN if any x_j is NaN.
+inline float max_abs(const float* x, int64_t n) {
+  Vec acc(0.f);
+  int64_t j = 0;
+  for (; j + kVec <= n; j += kVec) acc = at::vec::maximum(acc, Vec::loadu(x + j).abs());
+  if (j < n) acc = at::vec::maximum(acc, Vec::loadu(x + j, n - j).abs());  // zero-filled tail
+  alignas(64) float lanes[kVec];
+  acc.store(lanes);
+  float m = 0.f;
+  for (int64_t l = 0; l < kVec; ++l) m = (std::isnan(lanes[l]) || lanes[l] > m) ? lanes[l] : m;
+  return m;
+}
+
+// The exponent e by which a row with this max |x| is scaled (x 2^-e), 0 for a row that is not
+// large (or not finite: inf / NaN rows keep their values and so give inf / NaN results).
+inline int row_scale_exponent(float row_max_abs) {
+  return (row_max_abs > kLargeRowMax && std::isfinite(row_max_abs)) ? std::ilogb(row_max_abs) : 0;
+}
+
+// y = x 2^-e (exact), in place allowed.
+inline void scale_row_pow2(const float* x, float* y, int64_t n, int e) {
+  const Vec factor(std::ldexp(1.f, -e));
+  int64_t j = 0;
+  for (; j + kVec <= n; j += kVec) (Vec::loadu(x + j) * factor).store(y + j);
+  if (j < n) (Vec::loadu(x + j, n - j) * factor).store(y + j, n - j);
+}
+
+// ||x||_2 without overflow for any finite x (inf only where the norm itself exceeds FLT_MAX).
+inline float row_norm(const float* x, int64_t n) {
+  const int e = row_scale_exponent(max_abs(x, n));
+  if (e == 0) return std::sqrt(dot(x, x, n));
+  const Vec factor(std::ldexp(1.f, -e));
+  Vec acc(0.f);
+  int64_t j = 0;
+  for (; j + kVec <= n; j += kVec) {
+    const Vec v = Vec::loadu(x + j) * factor;
+    acc = at::vec::fmadd(v, v, acc);
+  }
+  if (j < n) {
+    const Vec v = Vec::loadu(x + j, n - j) * factor;
+    acc = at::vec::fmadd(v, v, acc);
+  }
+  return std::ldexp(std::sqrt(hsum(acc)), e);
 }
 
 }  // namespace cl_fast::cpu

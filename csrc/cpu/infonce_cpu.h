@@ -18,13 +18,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ntxent_bwd(const at::Tensor& grad
 
 // info_nce (both=false: q->k only) / symmetric info_nce and clip (both=true):
 // row_loss (N,), col_loss (N,) or (0,), row_lse (N,), col_lse (N,) or (0,), fp32.
+// normalize = false: the features as given (S = s q_i . k_j, OpenCLIP's ClipLoss).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_fwd(const at::Tensor& q, const at::Tensor& k,
-                                                                     double scale, bool both);
+                                                                     double scale, bool both, bool normalize);
 
 // Gradients of sum_i grad_row_i row_loss_i + grad_col_i col_loss_i: dq, dk (input dtype), dscale.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_bwd(const at::Tensor& grad_row, const at::Tensor& grad_col,
                                                          const at::Tensor& q, const at::Tensor& k, double scale,
                                                          const at::Tensor& row_lse, const at::Tensor& col_lse,
-                                                         bool both);
+                                                         bool both, bool normalize);
 
 }  // namespace cl_fast::cpu

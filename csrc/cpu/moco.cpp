@@ -42,6 +42,9 @@ constexpr int64_t kKeyTile = 256;   // queue rows per tile (S tile columns)
 float nan_max(float a, float b) { return (std::isnan(a) || std::isnan(b)) ? NAN : std::max(a, b); }
 
 // fp32 copy of x (N, D) with every row normalised in place; inv_norm[i] = 1 / max(||x_i||, eps).
+// Overflow-free for any finite row (cpu_vec.h): a large row is first scaled by 2^-e (exact, in
+// the copy), so r' = 1 / ||x 2^-e|| is an ordinary number and n(x) = (x 2^-e) r'; the true
+// 1 / ||x|| = r' 2^-e (may be subnormal only for ||x|| beyond 2^126).
 at::Tensor normalized_rows(const at::Tensor& x, at::Tensor* inv_norm) {
   at::Tensor out = x.to(at::kFloat, /*non_blocking=*/false, /*copy=*/true).contiguous();
   const int64_t rows = out.size(0), dim = out.size(1);
@@ -50,9 +53,11 @@ at::Tensor normalized_rows(const at::Tensor& x, at::Tensor* inv_norm) {
   at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       float* row = data + i * dim;
+      const int e = row_scale_exponent(max_abs(row, dim));
+      if (e != 0) scale_row_pow2(row, row, dim, e);
       const float r = 1.f / std::max(std::sqrt(dot(row, row, dim)), kNormEps);
       at::vec::map([r](Vec x) { return x * Vec(r); }, row, row, dim);
-      if (inv) inv[i] = r;
+      if (inv) inv[i] = e != 0 ? std::ldexp(r, -e) : r;
     }
   });
   return out;

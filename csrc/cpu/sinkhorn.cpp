@@ -26,8 +26,22 @@
 //      shifted by the same bound.
 // Within a row the sweeps run over a K-float buffer that stays in L1/L2.
 //
-// Non-finite input: a row or column whose max is NaN or +inf comes out NaN (the exp used here,
-// ATen's exp_u20, does not propagate NaN itself, so this is decided from the maxima).
+// Precision at large |scores / eps|. x = s inv_eps is never rounded on its own: rounding x (or
+// a potential f_k of the same size) to fp32 costs an absolute error ~|x| 2^-24 in every exp
+// argument (1e-3 at |x| = 2e4), although the arguments that matter are small. So
+//   - f is kept in double and split f = f_hi + f_lo (two floats); y = x + f is formed as
+//     fma(s, inv_eps, f_hi) + f_lo: the product enters the fma exactly and only the small
+//     result is rounded;
+//   - pass 1 takes the column max in SCORE units (M_k = max_b s_bk; the max of x is inv_eps M_k
+//     since inv_eps > 0) and the exp arguments as fma(s, inv_eps, -m_hi) - m_lo with
+//     m = inv_eps M_k split likewise (m_lo = fma(M_k, inv_eps, -m_hi) exactly);
+//   - f_k = -(inv_eps M_k + log sum) and the later f_k -= log sum_b P_bk are in double.
+// The error is then that of fp32 exps of small arguments and fp32 sums, at any |scores / eps|.
+// exps are cpu_vec.h's exp_fast: 0 below ln(FLT_MIN) for any argument, however negative (ATen's
+// exp_u20 returned garbage past ~-1e8, which made |scores / eps| > ~6e8 NaN).
+//
+// Non-finite input: a row or column whose max is NaN or +inf comes out NaN (decided from the
+// maxima).
 //
 // The distributed path (cl_fast/swav.py) runs `sinkhorn_col_lse` (pass 1 with g from f, local
 // rows only) and all-reduces its (max, sum) before each prototype step, then `sinkhorn_assign`.
@@ -38,7 +52,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -81,13 +97,30 @@ float reduce_max(const Vec& v) {
 // fp16 -> fp32 with the F16C instructions (every AVX2 CPU has them). Compiled for that target
 // here: the extension is built with -mavx2 -mfma only, and c10::Half's own conversion then does
 // not compile in an AVX2 translation unit (ATen's AVX2 path calls _cvtsh_ss).
-__attribute__((target("avx2,f16c"))) void half_to_float(const uint16_t* src, float* dst, int64_t n) {
+// Other targets (ARM, ...): c10's portable software conversion.
+#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
+void half_to_float_portable(const uint16_t* src, float* dst, int64_t n) {
+  for (int64_t k = 0; k < n; ++k) dst[k] = c10::detail::fp16_ieee_to_fp32_value(src[k]);
+}
+
+__attribute__((target("avx2,f16c"))) void half_to_float_f16c(const uint16_t* src, float* dst, int64_t n) {
   int64_t k = 0;
   for (; k + 8 <= n; k += 8) {
     _mm256_storeu_ps(dst + k, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + k))));
   }
   for (; k < n; ++k) dst[k] = _cvtsh_ss(src[k]);
 }
+
+// An x86-64 build without -mavx2 (or one run on a CPU without F16C) takes the portable path.
+void half_to_float(const uint16_t* src, float* dst, int64_t n) {
+  static const bool has_f16c = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+  has_f16c ? half_to_float_f16c(src, dst, n) : half_to_float_portable(src, dst, n);
+}
+#else
+void half_to_float(const uint16_t* src, float* dst, int64_t n) {
+  for (int64_t k = 0; k < n; ++k) dst[k] = c10::detail::fp16_ieee_to_fp32_value(src[k]);
+}
+#endif
 
 // bf16 -> fp32: the bf16 bits are the top half of the fp32 bits.
 void bfloat16_to_float(const uint16_t* src, float* dst, int64_t n) {
@@ -111,16 +144,20 @@ const float* row_as_float(const scalar_t* src, int64_t K, float* buffer) {
   return buffer;
 }
 
-// y = x + f with x = s * inv_eps (f may be null: + 0); returns max_k y (NaN if any is NaN).
-// x is rounded to fp32 before f is added (no fma): f was computed from the rounded x, and
-// x_bk + f_k must cancel exactly where they should (a one-hot row gives 0, not x's rounding error).
-float logits_and_max(const float* s, float inv_eps, const float* f, int64_t K, float* y) {
+// y = x + f with x = s * inv_eps, f = f_hi + f_lo (f_hi null: y = x, f_lo null: 0), formed as
+// fma(s, inv_eps, f_hi) + f_lo (see the precision note above); returns max_k y (NaN if any is NaN).
+inline Vec logits(const float* s, const Vec& scale, const float* f_hi, const float* f_lo, int64_t k, int64_t n) {
+  if (f_hi == nullptr) return load(s + k, n) * scale;
+  const Vec v = fma_exact(load(s + k, n), scale, load(f_hi + k, n));
+  return f_lo != nullptr ? v + load(f_lo + k, n) : v;
+}
+
+float logits_and_max(const float* s, float inv_eps, const float* f, const float* f_lo, int64_t K, float* y) {
   const Vec scale(inv_eps);
   Vec vmax(kNegInf);
   for (int64_t k = 0; k < K; k += kVec) {
     const int64_t n = std::min(kVec, K - k);
-    const Vec x = load(s + k, n) * scale;
-    const Vec v = f != nullptr ? x + load(f + k, n) : x;
+    const Vec v = logits(s, scale, f, f_lo, k, n);
     store(v, y + k, n);
     vmax = at::vec::maximum(vmax, n == kVec ? v : Vec::set(Vec(kNegInf), v, n));
   }
@@ -138,7 +175,7 @@ float exp_row(float* y, float m, int64_t K) {
   Vec acc(0.f);
   for (int64_t k = 0; k < K; k += kVec) {
     const int64_t n = std::min(kVec, K - k);
-    Vec e = (load(y + k, n) - shift).exp_u20();
+    Vec e = exp_fast(load(y + k, n) - shift);
     if (n < kVec) e = Vec::set(Vec(0.f), e, n);
     store(e, y + k, n);
     acc = acc + e;
@@ -146,17 +183,34 @@ float exp_row(float* y, float m, int64_t K) {
   return hsum(acc);
 }
 
-// Folds the rows z[0..nrows) (each K long, stride K) into the running column (max, sum).
-void fold_rows_into_columns(const float* z, int64_t nrows, int64_t K, float* col_max, float* col_sum) {
+// exp(scale v - m) for m = scale M given as the float pair (m_hi, m_lo): fma(v, scale, -m_hi) - m_lo.
+inline Vec exp_scaled_minus(const Vec& v, const Vec& scale, const Vec& m_hi, const Vec& m_lo) {
+  return exp_fast(fma_exact(v, scale, Vec(0.f) - m_hi) - m_lo);
+}
+
+// m = scale M as a float pair: m_hi = fl(scale M), m_lo = scale M - m_hi (exact: one fma).
+inline void split_product(const Vec& M, const Vec& scale, Vec* m_hi, Vec* m_lo) {
+  *m_hi = M * scale;
+  *m_lo = fma_exact(M, scale, Vec(0.f) - *m_hi);
+}
+
+// Folds the rows z[0..nrows) (each K long, stride K) into the running column (max, sum) of
+// scale * z: the max is kept in z's units (scale > 0 preserves the order), the sum is
+// sum_b exp(scale z_bk - scale max_k). scale = inv_eps with z = the raw scores (pass 1, g = 0),
+// or 1 with z = x + g (the distributed column pass).
+void fold_rows_into_columns(const float* z, int64_t nrows, int64_t K, float scale_value, float* col_max,
+                            float* col_sum) {
+  const Vec scale(scale_value);
   for (int64_t k = 0; k < K; k += kVec) {
     const int64_t n = std::min(kVec, K - k);
     Vec block_max = load(z + k, n);
     for (int64_t r = 1; r < nrows; ++r) block_max = at::vec::maximum(block_max, load(z + r * K + k, n));
     const Vec old_max = load(col_max + k, n);
     const Vec new_max = at::vec::maximum(old_max, block_max);
-    const Vec shift = finite_shift(new_max);
-    Vec sum = load(col_sum + k, n) * (old_max - shift).exp_u20();
-    for (int64_t r = 0; r < nrows; ++r) sum = sum + (load(z + r * K + k, n) - shift).exp_u20();
+    Vec m_hi, m_lo;
+    split_product(finite_shift(new_max), scale, &m_hi, &m_lo);
+    Vec sum = load(col_sum + k, n) * exp_scaled_minus(old_max, scale, m_hi, m_lo);
+    for (int64_t r = 0; r < nrows; ++r) sum = sum + exp_scaled_minus(load(z + r * K + k, n), scale, m_hi, m_lo);
     store(new_max, col_max + k, n);
     store(sum, col_sum + k, n);
   }
@@ -180,19 +234,22 @@ void for_each_chunk(int64_t n, const MakeScratch& make_scratch, const Body& body
   });
 }
 
-// Merges chunk partials (nchunks x K each) into one (max, sum) per column. A column whose max is
-// NaN or +inf gets max NaN (its sum is meaningless then).
+// Merges chunk partials (nchunks x K each, maxima in the units of fold_rows_into_columns' z)
+// into one (max, sum) per column. A column whose max is NaN or +inf gets max NaN (its sum is
+// meaningless then).
 void merge_column_partials(const float* part_max, const float* part_sum, int64_t nchunks, int64_t K,
-                           float* col_max, float* col_sum) {
+                           float scale_value, float* col_max, float* col_sum) {
   const Vec pos_inf(std::numeric_limits<float>::infinity());
+  const Vec scale(scale_value);
   for (int64_t k = 0; k < K; k += kVec) {
     const int64_t n = std::min(kVec, K - k);
     Vec m(kNegInf);
     for (int64_t c = 0; c < nchunks; ++c) m = at::vec::maximum(m, load(part_max + c * K + k, n));
-    const Vec shift = finite_shift(m);
+    Vec m_hi, m_lo;
+    split_product(finite_shift(m), scale, &m_hi, &m_lo);
     Vec s(0.f);
     for (int64_t c = 0; c < nchunks; ++c) {
-      s = s + load(part_sum + c * K + k, n) * (load(part_max + c * K + k, n) - shift).exp_u20();
+      s = s + load(part_sum + c * K + k, n) * exp_scaled_minus(load(part_max + c * K + k, n), scale, m_hi, m_lo);
     }
     m = Vec::blendv(m, Vec(kNaN), (m != m) | (m == pos_inf));
     store(m, col_max + k, n);
@@ -201,12 +258,14 @@ void merge_column_partials(const float* part_max, const float* part_sum, int64_t
 }
 
 // Pass 1: per column, (max, sum exp(x_bk + g_b - max)) over the rows of scores, with
-// g_b = -lse_k (x_bk + f_k) when f is given, else g = 0.
+// g_b = -lse_k (x_bk + f_k) when f is given, else g = 0. The max is in SCORE units when f is null
+// (max = inv_eps col_max exactly, see the precision note), in x units otherwise.
 template <typename scalar_t>
 void column_lse_pass(const scalar_t* scores, int64_t B, int64_t K, float inv_eps, const float* f,
                      float* col_max, float* col_sum) {
   const int64_t nchunks = num_chunks(B);
   std::vector<float> part_max(nchunks * K, kNegInf), part_sum(nchunks * K, 0.f);
+  const float fold_scale = f == nullptr ? inv_eps : 1.f;
   struct Scratch {
     std::vector<float> block, row, convert;
   };
@@ -218,18 +277,21 @@ void column_lse_pass(const scalar_t* scores, int64_t B, int64_t K, float inv_eps
       for (int64_t r = 0; r < nrows; ++r) {
         const float* s = row_as_float(scores + (r0 + r) * K, K, scratch.convert.data());
         float* z = scratch.block.data() + r * K;
-        logits_and_max(s, inv_eps, nullptr, K, z);
-        if (f != nullptr) {  // z = x + g
+        if (f == nullptr) {  // z = the scores themselves
+          std::copy(s, s + K, z);
+        } else {  // z = x + g
+          logits_and_max(s, inv_eps, nullptr, nullptr, K, z);
           float* y = scratch.row.data();
-          const float m = logits_and_max(s, inv_eps, f, K, y);
+          const float m = logits_and_max(s, inv_eps, f, nullptr, K, y);
           const Vec g(-(finite_shift(m) + std::log(exp_row(y, m, K))));
           at::vec::map([g](Vec v) { return v + g; }, z, z, K);
         }
       }
-      fold_rows_into_columns(scratch.block.data(), nrows, K, part_max.data() + c * K, part_sum.data() + c * K);
+      fold_rows_into_columns(scratch.block.data(), nrows, K, fold_scale, part_max.data() + c * K,
+                             part_sum.data() + c * K);
     }
   });
-  merge_column_partials(part_max.data(), part_sum.data(), nchunks, K, col_max, col_sum);
+  merge_column_partials(part_max.data(), part_sum.data(), nchunks, K, fold_scale, col_max, col_sum);
 }
 
 // The sample step of row b in ONE sweep, given an upper bound `shift` of y = x + f: the previous
@@ -241,14 +303,14 @@ void column_lse_pass(const scalar_t* scores, int64_t B, int64_t K, float inv_eps
 constexpr float kMinBoundedSum = 4.2483542e-18f;  // e^-40
 constexpr float kMaxAboveBound = 40.f;
 
-float sample_step_bounded(const float* s, float inv_eps, const float* f, int64_t K, float shift, float* e,
-                          float* row_sum) {
+float sample_step_bounded(const float* s, float inv_eps, const float* f, const float* f_lo, int64_t K, float shift,
+                          float* e, float* row_sum) {
   const Vec scale(inv_eps), vshift(shift);
   Vec vmax(kNegInf), acc(0.f);
   for (int64_t k = 0; k < K; k += kVec) {
     const int64_t n = std::min(kVec, K - k);
-    const Vec y = load(s + k, n) * scale + load(f + k, n);
-    Vec ek = (y - vshift).exp_u20();
+    const Vec y = logits(s, scale, f, f_lo, k, n);
+    Vec ek = exp_fast(y - vshift);
     if (n < kVec) ek = Vec::set(Vec(0.f), ek, n);
     store(ek, e + k, n);
     acc = acc + ek;
@@ -257,7 +319,7 @@ float sample_step_bounded(const float* s, float inv_eps, const float* f, int64_t
   float sum = hsum(acc);
   const float m = reduce_max(vmax);
   if (!(m <= shift + kMaxAboveBound) || !(sum >= kMinBoundedSum)) {  // also true for NaN
-    logits_and_max(s, inv_eps, f, K, e);
+    logits_and_max(s, inv_eps, f, f_lo, K, e);
     sum = exp_row(e, m, K);
     shift = finite_shift(m);
   }
@@ -269,7 +331,7 @@ float sample_step_bounded(const float* s, float inv_eps, const float* f, int64_t
 // updates g (in: the previous pass's g, bounding this pass's rows; out: this pass's).
 template <typename scalar_t>
 void fused_sample_pass(const scalar_t* scores, int64_t B, int64_t K, float inv_eps, const float* f,
-                       float* g, float* col_sum) {
+                       const float* f_lo, float* g, float* col_sum) {
   const int64_t nchunks = num_chunks(B);
   std::vector<float> part_sum(nchunks * K, 0.f);
   const auto make_scratch = [K] { return std::pair{std::vector<float>(K), std::vector<float>(K)}; };
@@ -279,7 +341,7 @@ void fused_sample_pass(const scalar_t* scores, int64_t B, int64_t K, float inv_e
     for (int64_t b = c * kChunkRows; b < std::min(B, (c + 1) * kChunkRows); ++b) {
       const float* s = row_as_float(scores + b * K, K, convert.data());
       float row_sum;
-      g[b] = sample_step_bounded(s, inv_eps, f, K, -g[b], row.data(), &row_sum);
+      g[b] = sample_step_bounded(s, inv_eps, f, f_lo, K, -g[b], row.data(), &row_sum);
       const Vec inv_sum(1.f / row_sum);
       at::vec::map2([inv_sum](Vec a, Vec e) { return at::vec::fmadd(e, inv_sum, a); }, acc, acc, row.data(), K);
     }
@@ -295,8 +357,8 @@ void fused_sample_pass(const scalar_t* scores, int64_t B, int64_t K, float inv_e
 // Pass 3: out[b, :] = softmax_k(x_b + f), with g bounding the rows as in pass 2 (g = nullptr:
 // no bound known, exact row max).
 template <typename scalar_t>
-void assign_pass(const scalar_t* scores, int64_t B, int64_t K, float inv_eps, const float* f, const float* g,
-                 float* out) {
+void assign_pass(const scalar_t* scores, int64_t B, int64_t K, float inv_eps, const float* f, const float* f_lo,
+                 const float* g, float* out) {
   constexpr int64_t kAssignRows = 16;
   const auto make_scratch = [K] { return std::vector<float>(K); };
   for_each_chunk((B + kAssignRows - 1) / kAssignRows, make_scratch, [&](std::vector<float>& convert, int64_t c) {
@@ -305,9 +367,9 @@ void assign_pass(const scalar_t* scores, int64_t B, int64_t K, float inv_eps, co
       const float* s = row_as_float(scores + b * K, K, convert.data());
       float row_sum;
       if (g != nullptr) {
-        sample_step_bounded(s, inv_eps, f, K, -g[b], y, &row_sum);
+        sample_step_bounded(s, inv_eps, f, f_lo, K, -g[b], y, &row_sum);
       } else {
-        row_sum = exp_row(y, logits_and_max(s, inv_eps, f, K, y), K);
+        row_sum = exp_row(y, logits_and_max(s, inv_eps, f, f_lo, K, y), K);
       }
       const Vec inv_sum(1.f / row_sum);
       at::vec::map([inv_sum](Vec e) { return e * inv_sum; }, y, y, K);
@@ -315,21 +377,31 @@ void assign_pass(const scalar_t* scores, int64_t B, int64_t K, float inv_eps, co
   });
 }
 
-// f_k = -lse: the prototype step from a column (max, sum).
-void prototype_step(const float* col_max, const float* col_sum, int64_t K, float* f) {
-  for (int64_t k = 0; k < K; ++k) f[k] = -(finite_shift(col_max[k]) + std::log(col_sum[k]));
+// f (double) -> the float pair f_hi + f_lo the passes read.
+void split_potential(const std::vector<double>& f, std::vector<float>& f_hi, std::vector<float>& f_lo) {
+  for (size_t k = 0; k < f.size(); ++k) {
+    f_hi[k] = static_cast<float>(f[k]);
+    f_lo[k] = std::isfinite(f_hi[k]) ? static_cast<float>(f[k] - f_hi[k]) : 0.f;
+  }
 }
 
 template <typename scalar_t>
 void sinkhorn_impl(const scalar_t* scores, int64_t B, int64_t K, float inv_eps, int64_t iterations, float* out) {
-  std::vector<float> f(K), col_max(K), col_sum(K), g(B, 0.f);
+  std::vector<float> col_max(K), col_sum(K), g(B, 0.f), f_hi(K), f_lo(K);
+  std::vector<double> f(K);
   column_lse_pass(scores, B, K, inv_eps, nullptr, col_max.data(), col_sum.data());
-  prototype_step(col_max.data(), col_sum.data(), K, f.data());
-  for (int64_t t = 1; t < iterations; ++t) {
-    fused_sample_pass(scores, B, K, inv_eps, f.data(), g.data(), col_sum.data());
-    for (int64_t k = 0; k < K; ++k) f[k] -= std::log(col_sum[k]);  // sum_b P_bk >= 1/K: no underflow
+  // the prototype step f_k = -lse_b x_bk = -(inv_eps M_k + log sum), M_k in score units: the
+  // product of two floats is exact in double
+  for (int64_t k = 0; k < K; ++k) {
+    f[k] = -(static_cast<double>(finite_shift(col_max[k])) * inv_eps + std::log(static_cast<double>(col_sum[k])));
   }
-  assign_pass(scores, B, K, inv_eps, f.data(), g.data(), out);
+  split_potential(f, f_hi, f_lo);
+  for (int64_t t = 1; t < iterations; ++t) {
+    fused_sample_pass(scores, B, K, inv_eps, f_hi.data(), f_lo.data(), g.data(), col_sum.data());
+    for (int64_t k = 0; k < K; ++k) f[k] -= std::log(static_cast<double>(col_sum[k]));  // >= 1/K: no underflow
+    split_potential(f, f_hi, f_lo);
+  }
+  assign_pass(scores, B, K, inv_eps, f_hi.data(), f_lo.data(), g.data(), out);
 }
 
 // The (B, K) output is first touched by the assign pass. No MADV_HUGEPAGE on it: with THP defrag
@@ -377,6 +449,7 @@ std::tuple<at::Tensor, at::Tensor> sinkhorn_col_lse_cpu(const at::Tensor& scores
                     f.defined() ? f.const_data_ptr<float>() : nullptr, col_max.mutable_data_ptr<float>(),
                     col_sum.mutable_data_ptr<float>());
   });
+  if (!f.defined()) col_max.mul_(static_cast<float>(inv_eps));  // score units -> x units (fp32)
   return {col_max, col_sum};
 }
 
@@ -388,7 +461,7 @@ at::Tensor sinkhorn_assign_cpu(const at::Tensor& scores_in, double inv_eps, cons
   at::Tensor out = new_output(scores);
   DISPATCH_SCORES(scores.scalar_type(), "sinkhorn_assign_cpu", [&] {
     assign_pass(scores.const_data_ptr<scalar_t>(), B, K, static_cast<float>(inv_eps), f.const_data_ptr<float>(),
-                nullptr, out.mutable_data_ptr<float>());
+                nullptr, nullptr, out.mutable_data_ptr<float>());
   });
   return out;
 }
