@@ -18,7 +18,7 @@ import os
 import pytest
 import torch
 
-from cl_fast import bench
+import bench  # benchmarks/bench.py (pytest puts this folder on sys.path)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu")
 DIM = 128

@@ -2,7 +2,25 @@
 `python -m cl_fast train {simclr,moco,byol,swav} [options]` trains a self-supervised encoder
 with the fused losses; `python -m cl_fast backends` lists the backends available here."""
 import argparse
+import importlib.util
+import pathlib
 import sys
+
+# The benchmark harness is a script of the repository (benchmarks/bench.py), not part of the
+# installed library; `python -m cl_fast bench` runs it from the checkout this package came from.
+BENCH_SCRIPT = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "bench.py"
+
+
+def _bench(argv) -> int:
+    if not BENCH_SCRIPT.is_file():
+        print(f"python -m cl_fast bench: the benchmark harness ({BENCH_SCRIPT}) is not here; it ships with "
+              "the source checkout, not the installed package", file=sys.stderr)
+        return 2
+    spec = importlib.util.spec_from_file_location("cl_fast_bench", BENCH_SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # dataclasses look their module up while the script runs
+    spec.loader.exec_module(bench)
+    return bench.main(argv)
 
 
 def main(argv=None) -> int:
@@ -23,9 +41,7 @@ def main(argv=None) -> int:
         from .train import cli
 
         return cli.main(rest)
-    from . import bench
-
-    return bench.main(rest)
+    return _bench(rest)
 
 
 if __name__ == "__main__":

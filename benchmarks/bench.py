@@ -1,4 +1,4 @@
-"""`python -m cl_fast bench`: forward+backward time and peak extra memory of each loss, per backend.
+"""`python -m cl_fast bench` (or `python benchmarks/bench.py`): forward+backward time and peak extra memory of each loss, per backend.
 
 Backends compared: every fused backend of the op that runs on the device, the eager reference
 ("torch": `backend="torch"`, which materialises the similarity matrix), torch.compile of that
@@ -21,7 +21,7 @@ Peak extra memory, the memory one call needs beyond its inputs (input gradients 
   the import's. Where clear_refs cannot be written, a thread samples VmRSS every 0.5 ms instead
   (approximate; the header says which method ran).
 
-Isolation: cells run in child processes (`python -m cl_fast.bench --child`): one per cell on CPU,
+Isolation: cells run in child processes (this file run with `--child`): one per cell on CPU,
 one for all cells on CUDA (restarted after a crash). An exception, segfault, out-of-memory kill,
 hang or lost CUDA context becomes that row's error; the run goes on.
 """
@@ -457,7 +457,7 @@ class _ChildRunner:
         job = {"cells": batch, "threads": self.threads, "compile_dynamic": self.compile_dynamic,
                "deadline": self.deadline, "budget_note": self.budget_note}
         with tempfile.TemporaryFile() as stderr:
-            proc = subprocess.Popen([sys.executable, "-m", "cl_fast.bench", "--child"], env=_child_env(self.threads),
+            proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--child"], env=_child_env(self.threads),
                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr)
             try:
                 proc.stdin.write(json.dumps(job).encode())
