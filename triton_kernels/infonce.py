@@ -28,7 +28,10 @@ Kernels, in call order:
    the exact row max m and l, because exp(S - lse) with lse rounded to fp32 at |lse| ~ s loses
    ~s * 6e-8 relative precision (2e-4 at T = 1e-4), where exp(S - m) / l keeps the fp32
    reference's precision.
-   `_bwd_kernel`: row-stationary full-square walk, no atomics:
+   `_ntxent_bwd_kernel` (nt_xent) and `_bwd_kernel` (cross): row-stationary full-square walk, no
+   atomics. nt_xent stacks the pair block's 2H rows [a_t; b_t] into one tile that walks the 2N
+   columns of Z = [z1; z2], so each column load serves both halves; cross walks per half (q rows
+   against k columns, k rows against q columns: different column tensors). Both compute:
      W_ij = g_i P_ij + g_j P_ji over the negatives (P_ij = exp(S_ij - shift_i) / l_i),
      dU_i = sum_j W_ij u_j in registers (fixed regime: W = E (g_i/l_i + g_j/l_j), one exp),
      nm_i = sum_{j neg} P_ij, dscale partial = sum W_ij cos_ij / 2 (each pair seen from both rows).
@@ -72,24 +75,37 @@ _CONFIGS = {
     # forward / stats walk: row statistics only
     ("walk", "half", 128): [(64, 64, 4, 3)],
     ("walk", "half", 256): [(32, 64, 4, 3)],
+    ("walk", "half", 512): [(16, 32, 4, 2)],
     ("walk", "half", 1024): [(16, 32, 4, 2)],
     ("walk", "fp32", 128): [(64, 32, 4, 2)],
     ("walk", "fp32", 256): [(32, 32, 4, 2)],
+    ("walk", "fp32", 512): [(16, 32, 4, 2)],
     ("walk", "fp32", 1024): [(16, 32, 4, 2)],
     # backward: two (H, D_PAD) fp32 accumulators
     ("bwd", "half", 128): [(32, 64, 8, 2), (32, 32, 8, 2)],
     ("bwd", "half", 256): [(16, 64, 8, 2)],
+    ("bwd", "half", 512): [(16, 32, 8, 1)],
     ("bwd", "half", 1024): [(16, 32, 8, 1)],
     ("bwd", "fp32", 128): [(16, 32, 8, 2)],
     ("bwd", "fp32", 256): [(16, 32, 8, 1)],
+    ("bwd", "fp32", 512): [(16, 16, 8, 1)],
     ("bwd", "fp32", 1024): [(16, 16, 8, 1)],
+    # nt_xent backward, stacked: one (2H, D_PAD) fp32 accumulator, (2H, BN) tiles
+    ("bwd_stacked", "half", 128): [(32, 64, 8, 2), (32, 32, 8, 2)],
+    ("bwd_stacked", "half", 256): [(16, 64, 8, 2)],
+    ("bwd_stacked", "half", 512): [(16, 32, 8, 1)],
+    ("bwd_stacked", "half", 1024): [(8, 32, 8, 1)],
+    ("bwd_stacked", "fp32", 128): [(16, 32, 8, 1)],
+    ("bwd_stacked", "fp32", 256): [(8, 16, 8, 1)],
+    ("bwd_stacked", "fp32", 512): [(8, 16, 8, 1)],
+    ("bwd_stacked", "fp32", 1024): [(8, 16, 8, 1)],
 }
 _INTERPRET_SHAPE = (16, 32, 4, 1)
 _AUTOTUNE = os.environ.get("CL_FAST_AUTOTUNE", "1") != "0"
 
 
 def _d_bucket(d_pad):
-    return 128 if d_pad <= 128 else 256 if d_pad <= 256 else 1024
+    return 128 if d_pad <= 128 else 256 if d_pad <= 256 else 512 if d_pad <= 512 else 1024
 
 
 def _dtype_class(dtype):
@@ -114,7 +130,7 @@ def _all_configs(kind):
 
 def _pruner(kind):
     def prune(configs, named_args, **kwargs):
-        cls = _dtype_class(named_args["a_ptr"].dtype)
+        cls = _dtype_class(named_args["a_ptr" if "a_ptr" in named_args else "z_ptr"].dtype)
         wanted = set(configs_for(kind, cls, triton.next_power_of_2(named_args["D"])))
         return [c for c in configs if (c.kwargs["H"], c.kwargs["BN"], c.num_warps, c.num_stages) in wanted]
     return prune
@@ -501,32 +517,18 @@ def _grad_walk(t0, t, x, rho_x, g_x, shift_x, inv_l_x, c_ptr, cstat, scale, N, a
 @triton.jit
 def _grad_walks(t0, t, xa, rho_a, ga, shift_a, inv_l_a, xb, rho_b, gb, shift_b, inv_l_b,
                 a_ptr, b_ptr, stat_a, stat_b, scale, N, acc_a, nm_a, dsc_a, acc_b, nm_b, dsc_b,
-                FIXED: tl.constexpr, NTXENT: tl.constexpr, BOTH: tl.constexpr, NORMALIZE: tl.constexpr,
+                FIXED: tl.constexpr, BOTH: tl.constexpr, NORMALIZE: tl.constexpr,
                 H: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
                 UPCAST_DOT: tl.constexpr, INTERPRET: tl.constexpr):
-    if NTXENT:
-        # every row against all of Z = [z1; z2]; self and positive are both left out of W
-        acc_a, nm_a, dsc_a = _grad_walk(t0, t, xa, rho_a, ga, shift_a, inv_l_a, a_ptr, stat_a, scale, N,
-                                        acc_a, nm_a, dsc_a, FIXED, True, True, NORMALIZE, H, BN, D, D_PAD,
-                                        UPCAST_DOT, INTERPRET)
-        acc_a, nm_a, dsc_a = _grad_walk(t0, t, xa, rho_a, ga, shift_a, inv_l_a, b_ptr, stat_b, scale, N,
-                                        acc_a, nm_a, dsc_a, FIXED, True, True, NORMALIZE, H, BN, D, D_PAD,
-                                        UPCAST_DOT, INTERPRET)
-        acc_b, nm_b, dsc_b = _grad_walk(t0, t, xb, rho_b, gb, shift_b, inv_l_b, a_ptr, stat_a, scale, N,
-                                        acc_b, nm_b, dsc_b, FIXED, True, True, NORMALIZE, H, BN, D, D_PAD,
-                                        UPCAST_DOT, INTERPRET)
-        acc_b, nm_b, dsc_b = _grad_walk(t0, t, xb, rho_b, gb, shift_b, inv_l_b, b_ptr, stat_b, scale, N,
-                                        acc_b, nm_b, dsc_b, FIXED, True, True, NORMALIZE, H, BN, D, D_PAD,
-                                        UPCAST_DOT, INTERPRET)
-    else:
-        # q rows (half a) against k columns: row term = q->k softmax, column term = k->q (BOTH);
-        # k rows (half b) against q columns: row term = k->q (BOTH), column term = q->k.
-        acc_a, nm_a, dsc_a = _grad_walk(t0, t, xa, rho_a, ga, shift_a, inv_l_a, b_ptr, stat_b, scale, N,
-                                        acc_a, nm_a, dsc_a, FIXED, True, BOTH, NORMALIZE, H, BN, D, D_PAD,
-                                        UPCAST_DOT, INTERPRET)
-        acc_b, nm_b, dsc_b = _grad_walk(t0, t, xb, rho_b, gb, shift_b, inv_l_b, a_ptr, stat_a, scale, N,
-                                        acc_b, nm_b, dsc_b, FIXED, BOTH, True, NORMALIZE, H, BN, D, D_PAD,
-                                        UPCAST_DOT, INTERPRET)
+    """The cross backward's walks, one half after the other (nt_xent: `_ntxent_bwd_kernel`)."""
+    # q rows (half a) against k columns: row term = q->k softmax, column term = k->q (BOTH);
+    # k rows (half b) against q columns: row term = k->q (BOTH), column term = q->k.
+    acc_a, nm_a, dsc_a = _grad_walk(t0, t, xa, rho_a, ga, shift_a, inv_l_a, b_ptr, stat_b, scale, N,
+                                    acc_a, nm_a, dsc_a, FIXED, True, BOTH, NORMALIZE, H, BN, D, D_PAD,
+                                    UPCAST_DOT, INTERPRET)
+    acc_b, nm_b, dsc_b = _grad_walk(t0, t, xb, rho_b, gb, shift_b, inv_l_b, a_ptr, stat_a, scale, N,
+                                    acc_b, nm_b, dsc_b, FIXED, BOTH, True, NORMALIZE, H, BN, D, D_PAD,
+                                    UPCAST_DOT, INTERPRET)
     return acc_a, nm_a, dsc_a, acc_b, nm_b, dsc_b
 
 
@@ -544,16 +546,17 @@ def _input_grad(u, du, r, NORMALIZE: tl.constexpr):
 @triton.jit
 def _bwd_kernel(a_ptr, b_ptr, rho_ptr, r_ptr, scale_ptr, g_a_ptr, g_b_ptr, shift_ptr, inv_l_ptr,
                 da_ptr, db_ptr, dscale_part_ptr, N, N_BUCKET, D: tl.constexpr, D_PAD: tl.constexpr,
-                NTXENT: tl.constexpr, BOTH: tl.constexpr, NORMALIZE: tl.constexpr,
+                BOTH: tl.constexpr, NORMALIZE: tl.constexpr,
                 H: tl.constexpr, BN: tl.constexpr, UPCAST_DOT: tl.constexpr, INTERPRET: tl.constexpr):
-    """da, db for the pair block (rows a_t, b_t), dscale partial to dscale_part[program].
+    """Cross backward: da = dq, db = dk for the pair block (rows q_t, k_t), dscale partial to
+    dscale_part[program]; one half after the other (the halves meet different column tensors).
     shift / inv_l hold [a rows; b rows] (2N each), from the stats walk."""
     scale = tl.load(scale_ptr)
     pid = tl.program_id(0)
     t0 = pid * H
     t = t0 + tl.arange(0, H)
     row_mask = t < N
-    HAS_GB: tl.constexpr = NTXENT or BOTH
+    HAS_GB: tl.constexpr = BOTH
     xa = _load_rows(a_ptr, t, row_mask, D, D_PAD)
     xb = _load_rows(b_ptr, t, row_mask, D, D_PAD)
     if NORMALIZE:
@@ -587,17 +590,17 @@ def _bwd_kernel(a_ptr, b_ptr, rho_ptr, r_ptr, scale_ptr, g_a_ptr, g_b_ptr, shift
             acc_a, nm_a, dsc_a, acc_b, nm_b, dsc_b = _grad_walks(
                 t0, t, xa, rho_a, ga, shift_a, inv_l_a, xb, rho_b, gb, shift_b, inv_l_b,
                 a_ptr, b_ptr, stat_a, stat_b, scale, N, acc_a, nm_a, dsc_a, acc_b, nm_b, dsc_b,
-                True, NTXENT, BOTH, NORMALIZE, H, BN, D, D_PAD, UPCAST_DOT, INTERPRET)
+                True, BOTH, NORMALIZE, H, BN, D, D_PAD, UPCAST_DOT, INTERPRET)
         else:
             acc_a, nm_a, dsc_a, acc_b, nm_b, dsc_b = _grad_walks(
                 t0, t, xa, rho_a, ga, shift_a, inv_l_a, xb, rho_b, gb, shift_b, inv_l_b,
                 a_ptr, b_ptr, stat_a, stat_b, scale, N, acc_a, nm_a, dsc_a, acc_b, nm_b, dsc_b,
-                False, NTXENT, BOTH, NORMALIZE, H, BN, D, D_PAD, UPCAST_DOT, INTERPRET)
+                False, BOTH, NORMALIZE, H, BN, D, D_PAD, UPCAST_DOT, INTERPRET)
     else:  # features as given: logits unbounded, always the running max
         acc_a, nm_a, dsc_a, acc_b, nm_b, dsc_b = _grad_walks(
             t0, t, xa, rho_a, ga, shift_a, inv_l_a, xb, rho_b, gb, shift_b, inv_l_b,
             a_ptr, b_ptr, stat_a, stat_b, scale, N, acc_a, nm_a, dsc_a, acc_b, nm_b, dsc_b,
-            False, NTXENT, BOTH, NORMALIZE, H, BN, D, D_PAD, UPCAST_DOT, INTERPRET)
+            False, BOTH, NORMALIZE, H, BN, D, D_PAD, UPCAST_DOT, INTERPRET)
     # epilogue: the positive pair (a_t, b_t). w = G_ab + G_ba = g_a (P_ab - 1) + g_b (P_ba - 1)
     #         = -(g_a nm_a + g_b nm_b), exact to fp32 relative precision when P -> 1.
     w = -(ga * nm_a + gb * nm_b)
@@ -618,6 +621,113 @@ def _bwd_kernel(a_ptr, b_ptr, rho_ptr, r_ptr, scale_ptr, g_a_ptr, g_b_ptr, shift
     _store_block(db_ptr, t0, N, _input_grad(ub, acc_b, r_b, NORMALIZE), D, H, D_PAD)
     # dL/ds = sum_ij G_ij cos_ij: the walks saw every negative pair from both of its rows
     part = 0.5 * tl.sum(dsc_a + dsc_b, 0) + tl.sum(tl.where(row_mask, w * cos_ab, 0.0), 0)
+    tl.store(dscale_part_ptr + pid, part)
+
+
+# ---------------------------------------------------------------------------------------------
+# nt_xent backward, stacked: both halves of the pair block share every column load
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _stacked_step(j, t0, t, x, rho_x, g_x, shift_x, inv_l_x, z_ptr, rho_ptr, g_ptr, shift_ptr, inv_l_ptr,
+                  scale, N, acc, nm, dsc, FIXED: tl.constexpr, H: tl.constexpr, BN: tl.constexpr,
+                  D: tl.constexpr, D_PAD: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """Column block j of Z = [z1; z2] (2N rows) against the 2H stacked rows [a_t; b_t].
+    Column c is pair index c mod N: it is the row's self (c == R) or its positive (c == R +- N)
+    exactly when c mod N == t, so one test masks both out of W."""
+    cols = j * BN + tl.arange(0, BN)
+    col_mask = cols < 2 * N
+    c_mod = tl.where(cols >= N, cols - N, cols)  # >= N past the end: masked as outside by _grad_tile
+    lo = j * BN
+    hi = lo + BN
+    special = ((lo < t0 + H) & (hi > t0)) | ((lo < N + t0 + H) & (hi > N + t0)) | (hi > 2 * N)
+    c = _load_rows(z_ptr, cols, col_mask, D, D_PAD)
+    rho_c = tl.load(rho_ptr + cols, mask=col_mask, other=0.0)
+    g_c = tl.load(g_ptr + cols, mask=col_mask, other=0.0)
+    shift_c = tl.load(shift_ptr + cols, mask=col_mask, other=0.0)
+    inv_l_c = tl.load(inv_l_ptr + cols, mask=col_mask, other=0.0)
+    return _grad_tile(x, rho_x, g_x, shift_x, inv_l_x, t, c, rho_c, g_c, shift_c, inv_l_c, c_mod, special,
+                      scale, N, acc, nm, dsc, FIXED, True, True, True, UPCAST_DOT)
+
+
+@triton.jit
+def _stacked_walk(t0, t, x, rho_x, g_x, shift_x, inv_l_x, z_ptr, rho_ptr, g_ptr, shift_ptr, inv_l_ptr,
+                  scale, N, acc, nm, dsc, FIXED: tl.constexpr, H: tl.constexpr, BN: tl.constexpr,
+                  D: tl.constexpr, D_PAD: tl.constexpr, UPCAST_DOT: tl.constexpr, INTERPRET: tl.constexpr):
+    n_blocks = tl.cdiv(2 * N, BN)
+    if INTERPRET:
+        j = 0
+        while j < n_blocks:
+            acc, nm, dsc = _stacked_step(j, t0, t, x, rho_x, g_x, shift_x, inv_l_x, z_ptr, rho_ptr, g_ptr,
+                                         shift_ptr, inv_l_ptr, scale, N, acc, nm, dsc, FIXED, H, BN, D,
+                                         D_PAD, UPCAST_DOT)
+            j += 1
+    else:
+        for j in range(0, n_blocks):
+            acc, nm, dsc = _stacked_step(j, t0, t, x, rho_x, g_x, shift_x, inv_l_x, z_ptr, rho_ptr, g_ptr,
+                                         shift_ptr, inv_l_ptr, scale, N, acc, nm, dsc, FIXED, H, BN, D,
+                                         D_PAD, UPCAST_DOT)
+    return acc, nm, dsc
+
+
+@triton.jit
+def _halves(v, H: tl.constexpr):
+    """(2H,) -> its first and second H entries."""
+    return tl.split(tl.permute(tl.reshape(v, (2, H)), (1, 0)))
+
+
+@_tuned("bwd_stacked")
+@triton.jit
+def _ntxent_bwd_kernel(z_ptr, rho_ptr, r_ptr, scale_ptr, g_ptr, shift_ptr, inv_l_ptr, da_ptr, db_ptr,
+                       dscale_part_ptr, N, N_BUCKET, D: tl.constexpr, D_PAD: tl.constexpr,
+                       H: tl.constexpr, BN: tl.constexpr, UPCAST_DOT: tl.constexpr, INTERPRET: tl.constexpr):
+    """nt_xent da, db for pair block t0.. and its dscale partial. z = [z1'; z2'] (2N, D) scaled rows;
+    rho, r, g, shift, inv_l are (2N,) in the same row order. The program's 2H rows R = t + N*half
+    are one stacked tile, so each column block of Z is loaded once for both halves (the per-half
+    walk of `_bwd_kernel` loads it twice): half the L2 traffic, and a 2H-row MMA tile."""
+    scale = tl.load(scale_ptr)
+    pid = tl.program_id(0)
+    t0 = pid * H
+    rr = tl.arange(0, 2 * H)
+    half = rr // H
+    t = t0 + rr - half * H
+    row_mask = t < N
+    R = t + half * N
+    x = _load_rows(z_ptr, R, row_mask, D, D_PAD)
+    rho_x = tl.load(rho_ptr + R, mask=row_mask, other=0.0)
+    g_x = tl.load(g_ptr + R, mask=row_mask, other=0.0)
+    shift_x = tl.load(shift_ptr + R, mask=row_mask, other=0.0)
+    inv_l_x = tl.load(inv_l_ptr + R, mask=row_mask, other=0.0)
+    acc = tl.zeros((2 * H, D_PAD), tl.float32)
+    nm = tl.zeros((2 * H,), tl.float32)
+    dsc = tl.zeros((2 * H,), tl.float32)
+    if 2.0 * scale <= _FIXED_SHIFT_LIMIT:
+        acc, nm, dsc = _stacked_walk(t0, t, x, rho_x, g_x, shift_x, inv_l_x, z_ptr, rho_ptr, g_ptr, shift_ptr,
+                                     inv_l_ptr, scale, N, acc, nm, dsc, True, H, BN, D, D_PAD, UPCAST_DOT,
+                                     INTERPRET)
+    else:
+        acc, nm, dsc = _stacked_walk(t0, t, x, rho_x, g_x, shift_x, inv_l_x, z_ptr, rho_ptr, g_ptr, shift_ptr,
+                                     inv_l_ptr, scale, N, acc, nm, dsc, False, H, BN, D, D_PAD, UPCAST_DOT,
+                                     INTERPRET)
+    # epilogue, per half (as `_bwd_kernel`'s): w = -(g_a nm_a + g_b nm_b) is the positive pair's weight
+    acc_a, acc_b = tl.split(tl.permute(tl.reshape(acc, (2, H, D_PAD)), (1, 2, 0)))
+    nm_a, nm_b = _halves(nm, H)
+    th = t0 + tl.arange(0, H)
+    hmask = th < N
+    ga = tl.load(g_ptr + th, mask=hmask, other=0.0)
+    gb = tl.load(g_ptr + N + th, mask=hmask, other=0.0)
+    w = -(ga * nm_a + gb * nm_b)
+    rho_a = tl.load(rho_ptr + th, mask=hmask, other=0.0)
+    rho_b = tl.load(rho_ptr + N + th, mask=hmask, other=0.0)
+    ub = rho_b[:, None] * _load_rows(z_ptr, th + N, hmask, D, D_PAD).to(tl.float32)
+    acc_a = scale * (acc_a + w[:, None] * ub)
+    ua = rho_a[:, None] * _load_rows(z_ptr, th, hmask, D, D_PAD).to(tl.float32)
+    cos_ab = tl.sum(ua * ub, 1)
+    r_a = tl.load(r_ptr + th, mask=hmask, other=0.0)
+    _store_block(da_ptr, t0, N, _input_grad(ua, acc_a, r_a, True), D, H, D_PAD)
+    acc_b = scale * (acc_b + w[:, None] * ua)
+    r_b = tl.load(r_ptr + N + th, mask=hmask, other=0.0)
+    _store_block(db_ptr, t0, N, _input_grad(ub, acc_b, r_b, True), D, H, D_PAD)
+    part = 0.5 * tl.sum(dsc, 0) + tl.sum(tl.where(hmask, w * cos_ab, 0.0), 0)
     tl.store(dscale_part_ptr + pid, part)
 
 
@@ -673,7 +783,8 @@ def _backward(g_a, g_b, a, b, scale, lse_a, lse_b, ntxent, both, normalize):
         inv_l[N:].zero_()
     da = torch.empty_like(a)
     db = torch.empty_like(b)
-    smallest_h = min(h for h, _, _, _ in configs_for("bwd", _dtype_class(a.dtype), 16))
+    kind = "bwd_stacked" if ntxent else "bwd"
+    smallest_h = min(h for h, _, _, _ in configs_for(kind, _dtype_class(a.dtype), 16))
     parts = torch.empty(triton.cdiv(N, smallest_h), device=a.device, dtype=torch.float32)
     grid = _pair_grid(N)
     used = []
@@ -682,10 +793,20 @@ def _backward(g_a, g_b, a, b, scale, lse_a, lse_b, ntxent, both, normalize):
         used.append(grid(meta)[0])
         return grid(meta)
 
-    _bwd_kernel[grid_recording](a_s, b_s, rho, r, scale, g_a, g_b, shift, inv_l, da, db, parts, N,
-                                _n_bucket(N), D, D_PAD=max(16, triton.next_power_of_2(D)),
-                                NTXENT=ntxent, BOTH=both, NORMALIZE=normalize, UPCAST_DOT=_INTERPRET,
-                                INTERPRET=_INTERPRET)
+    d_pad = max(16, triton.next_power_of_2(D))
+    if ntxent:
+        # the stacked kernel reads [z1'; z2'] and [g_a; g_b] as single (2N, ...) arrays: both pairs of
+        # views are the halves of one contiguous buffer (_prepare's `scaled`, ntxent_bwd's `grad`)
+        assert b_s.data_ptr() == a_s.data_ptr() + N * D * a_s.element_size()
+        assert g_b.data_ptr() == g_a.data_ptr() + N * g_a.element_size()
+        z = a_s.as_strided((2 * N, D), (D, 1))
+        g = g_a.as_strided((2 * N,), (1,))
+        _ntxent_bwd_kernel[grid_recording](z, rho, r, scale, g, shift, inv_l, da, db, parts, N, _n_bucket(N),
+                                           D, D_PAD=d_pad, UPCAST_DOT=_INTERPRET, INTERPRET=_INTERPRET)
+    else:
+        _bwd_kernel[grid_recording](a_s, b_s, rho, r, scale, g_a, g_b, shift, inv_l, da, db, parts, N,
+                                    _n_bucket(N), D, D_PAD=d_pad, BOTH=both,
+                                    NORMALIZE=normalize, UPCAST_DOT=_INTERPRET, INTERPRET=_INTERPRET)
     # the partials of the config that ran, summed by one deterministic torch reduction
     dscale = parts[:used[-1]].sum()
     return da, db, dscale
@@ -767,10 +888,14 @@ def sm90_specs():
             ("walk", _walk_kernel.fn, [("ntxent_fwd", dict(NTXENT=True, BOTH=True, NORMALIZE=True, STATS=False)),
                                        ("ntxent_bwd_stats", dict(NTXENT=True, BOTH=True, NORMALIZE=True, STATS=True)),
                                        ("cross_fwd_raw", dict(NTXENT=False, BOTH=True, NORMALIZE=False, STATS=False))]),
-            ("bwd", _bwd_kernel.fn, [("ntxent_bwd", dict(NTXENT=True, BOTH=True, NORMALIZE=True)),
-                                     ("cross_bwd", dict(NTXENT=False, BOTH=True, NORMALIZE=True))]),
+            ("bwd_stacked", _ntxent_bwd_kernel.fn, [("ntxent_bwd", dict())]),
+            ("bwd", _bwd_kernel.fn, [("cross_bwd", dict(BOTH=True, NORMALIZE=True))]),
         ):
-            if kind == "walk":
+            if kind == "bwd_stacked":
+                sig = {"z_ptr": ty, "rho_ptr": "*fp32", "r_ptr": "*fp32", "scale_ptr": "*fp32", "g_ptr": "*fp32",
+                       "shift_ptr": "*fp32", "inv_l_ptr": "*fp32", "da_ptr": ty, "db_ptr": ty,
+                       "dscale_part_ptr": "*fp32", "N": "i32", "N_BUCKET": "i32"}
+            elif kind == "walk":
                 sig = {"a_ptr": ty, "b_ptr": ty, "rho_ptr": "*fp32", "scale_ptr": "*fp32", "lse_a_ptr": "*fp32",
                        "lse_b_ptr": "*fp32", "out1_a_ptr": "*fp32", "out1_b_ptr": "*fp32", "out2_a_ptr": "*fp32",
                        "out2_b_ptr": "*fp32", "N": "i32", "N_BUCKET": "i32"}
