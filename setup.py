@@ -67,7 +67,7 @@ setup(
     name="cl_fast",
     version="0.1.0",
     description="Fused, memory-lean contrastive losses (InfoNCE family) for PyTorch",
-    packages=find_packages(include=["cl_fast", "cl_fast.*", "triton_kernels", "triton_kernels.*"]),
+    packages=find_packages(include=["cl_fast", "cl_fast.*"]),
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.10",

@@ -1,7 +1,7 @@
 """Compile every Triton kernel of the package offline for sm_90 and tabulate what ptxas made of it.
 
 No GPU needed: `triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 64))` runs the whole
-pipeline down to the cubin. Each `triton_kernels/<family>.py` that defines `sm90_specs()` lists one
+pipeline down to the cubin. Each `cl_fast/triton_kernels/<family>.py` that defines `sm90_specs()` lists one
 compile spec per autotune config (a dict with name, fn, signature, constexprs, num_warps,
 num_stages and optionally config and no_atomics; or the tuple (name, fn, signature, constexprs,
 num_warps, num_stages)). Per spec: registers, spill (local memory) bytes, shared memory, global
@@ -42,13 +42,13 @@ def _prepare_env():
 
 
 def module_names():
-    """Every module of triton_kernels, found on disk (nothing imported: the caller's interpreter
+    """Every module of cl_fast.triton_kernels, found on disk (nothing imported: the caller's interpreter
     setting stays as it is)."""
-    return [f"triton_kernels.{info.name}" for info in pkgutil.iter_modules([os.path.join(ROOT, "triton_kernels")])]
+    return [f"cl_fast.triton_kernels.{info.name}" for info in pkgutil.iter_modules([os.path.join(ROOT, "cl_fast", "triton_kernels")])]
 
 
 def discover():
-    """(module name, has sm90_specs) for every module of triton_kernels (imports them, compiled mode)."""
+    """(module name, has sm90_specs) for every module of cl_fast.triton_kernels (imports them, compiled mode)."""
     _prepare_env()
     return [(name, callable(getattr(importlib.import_module(name), "sm90_specs", None))) for name in module_names()]
 

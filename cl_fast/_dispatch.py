@@ -4,7 +4,7 @@ A fused backend of an op family is a module holding that family's launchers (DES
 backend interface; for the InfoNCE family ntxent_fwd, ntxent_bwd, cross_fwd, cross_bwd).
 "cpu" and "cuda" are both served by cl_fast._native (the C++ / CUDA kernels of cl_fast._C,
 which the dispatcher picks by device); each is listed only where the build registered the
-family's kernels for that device. "triton" is triton_kernels.<family>. "torch" is the
+family's kernels for that device. "triton" is cl_fast.triton_kernels.<family>. "torch" is the
 pure-PyTorch reference and has no module here (it is autograd all the way). Adding a backend is
 one module and one entry per family in _MODULES.
 """
@@ -22,7 +22,7 @@ ENV_VAR = "CL_FAST_BACKEND"
 _NATIVE = "cl_fast._native"
 # op family -> backend -> the module with that family's launchers
 _MODULES = {
-    family: {"cuda": _NATIVE, "triton": f"triton_kernels.{family}", "cpu": _NATIVE}
+    family: {"cuda": _NATIVE, "triton": f"cl_fast.triton_kernels.{family}", "cpu": _NATIVE}
     for family in ("infonce", "moco", "byol", "sinkhorn", "siglip")
 }
 # "auto" on a device tries these, first available wins

@@ -5,7 +5,7 @@ given (OpenCLIP's model normalises them). This is the loss whose N x N logits co
 OpenCLIP (one logits tensor, one labels tensor, the logsigmoid and its gradient: four N x N
 buffers); the fused backends keep none: the forward sums each row's softplus terms tile by tile,
 the backward recomputes the tiles (cl_fast/_ops/siglip.py, csrc/cpu/siglip.cpp,
-triton_kernels/siglip.py). Gradients flow into both features, `logit_scale` and `logit_bias`.
+cl_fast/triton_kernels/siglip.py). Gradients flow into both features, `logit_scale` and `logit_bias`.
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@
 domain so that it is finite for any finite scores, fp32 output, no gradient (the codes are
 targets; SwAV runs it under no_grad). The fused backends never build a (B, K) intermediate: they
 keep the two scaling vectors and re-read the scores once per iteration (see
-triton_kernels/sinkhorn.py and csrc/cpu/sinkhorn.cpp for the recurrence).
+cl_fast/triton_kernels/sinkhorn.py and csrc/cpu/sinkhorn.cpp for the recurrence).
 
 Backends. "torch" is `reference.sinkhorn` (log domain, eager, one (B, K) tensor per step);
 "cpu" / "cuda" are the C++ / CUDA kernels in cl_fast._C (ops cl_fast_C::sinkhorn*, through

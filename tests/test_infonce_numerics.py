@@ -1,4 +1,4 @@
-"""The Triton InfoNCE launchers (triton_kernels.infonce) against a float64 evaluation.
+"""The Triton InfoNCE launchers (cl_fast.triton_kernels.infonce) against a float64 evaluation.
 
 Called directly with PLAN.md's signatures (scale a 0-d fp32 device tensor, normalize for the cross
 ops): values AND gradients (inputs and scale) for ragged N and D, fp32/fp16/bf16, both cross
@@ -17,7 +17,7 @@ from conftest import DEVICE, RTOL, rel_err
 if "triton" not in _dispatch.backends("infonce", DEVICE):
     pytest.skip("needs triton with a CUDA GPU or TRITON_INTERPRET=1", allow_module_level=True)
 
-from triton_kernels import infonce as K  # noqa: E402
+from cl_fast.triton_kernels import infonce as K  # noqa: E402
 
 
 def _rand(n, d, gen, dtype=torch.float32, scale=1.0):

@@ -138,7 +138,7 @@ def test_triton_split_merge_and_d_chunks(splits, block_d, n, d, size, gen):
     """The multi-split merge and the D-chunked (wide feature) path of the Triton forward, at small sizes."""
     if "triton" not in cl_fast.backends():
         pytest.skip("backend 'triton' needs triton with a CUDA GPU or TRITON_INTERPRET=1")
-    from triton_kernels import moco as triton_moco
+    from cl_fast.triton_kernels import moco as triton_moco
 
     q, k, queue = randn(n, d, generator=gen), randn(n, d, generator=gen), unit_queue(size, d, generator=gen)
     loss, e, c = triton_moco.moco_fwd(q, k, queue, torch.tensor(1 / 0.3, device=q.device), True, splits=splits, block_d=block_d)

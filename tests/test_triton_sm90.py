@@ -1,6 +1,6 @@
 """What the compiler emits for sm_90, checked without a GPU (PLAN.md, "sm_90 compile checks").
 
-Every `triton_kernels/<family>.py` with `sm90_specs()` is compiled offline for
+Every `cl_fast/triton_kernels/<family>.py` with `sm90_specs()` is compiled offline for
 GPUTarget("cuda", 90, 64), one spec per autotune config (benchmarks/ptx_table.py does the
 compiling, in a subprocess with TRITON_INTERPRET=0). Asserted per kernel: no register spills,
 shared memory within sm_90's 227 KB per block, no `acq_rel` / `membar` in the PTX, and no global

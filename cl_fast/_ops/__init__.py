@@ -4,7 +4,7 @@ Every family module (infonce, moco, byol, sinkhorn, and siglip) follows one patt
 
 - a custom op per computation (`define`), taking the concrete backend name ("cpu", "cuda",
   "triton") as its last argument and forwarding to that backend's launchers
-  (`_dispatch.module(backend, family)`: cl_fast._native for cpu/cuda, triton_kernels.<family>);
+  (`_dispatch.module(backend, family)`: cl_fast._native for cpu/cuda, cl_fast.triton_kernels.<family>);
 - a fake implementation (shapes only) per op, so torch.compile traces them without graph breaks;
 - the autograd formula on the forward op: its backward is itself a custom op (or, for MoCo, an
   O(N D) scaling of what the forward stored), and a second derivative raises (`no_double_backward`).

@@ -3,7 +3,7 @@ in-place ring-buffer enqueue queue_update_.
 
 moco_fwd never builds the N x (1 + K) logits. When a gradient is wanted the forward also
 accumulates o_i = sum_j P_ij w_j (flash attention's P @ V) and returns the gradient direction
-e (N, D) and the temperature term c (N,) (triton_kernels/moco.py and csrc/cpu/moco.cpp hold the
+e (N, D) and the temperature term c (N,) (cl_fast/triton_kernels/moco.py and csrc/cpu/moco.cpp hold the
 math); the upstream gradient is one scalar per row, so the backward is the O(N D) scaling
 dq = (g s)[:, None] * e, dL/ds = sum g c: no second pass over the queue. The queue is not saved
 for backward, so enqueueing into it between the loss and its backward is fine (MoCo's order).

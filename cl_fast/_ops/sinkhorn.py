@@ -2,7 +2,7 @@
 distributed run interleaves with its all-reduces (sinkhorn_col_lse, sinkhorn_assign).
 
 The fused backends never build a (B, K) intermediate: they keep the two log-domain scaling
-vectors and re-read the scores once per iteration (triton_kernels/sinkhorn.py,
+vectors and re-read the scores once per iteration (cl_fast/triton_kernels/sinkhorn.py,
 csrc/cpu/sinkhorn.cpp). No gradient: the codes are targets (SwAV runs it under no_grad).
 `epsilon` is a Python float (a hyperparameter, never a tensor): nothing to read on the host.
 """
