@@ -1,5 +1,5 @@
 # Two entry points after cloning:
-#   make run   - set up .venv, build the extension, print the loss benchmark table
+#   make run   - set up .venv, build the extension, train SimCLR on digits, print the loss benchmark table
 #   make test  - set up .venv, build the extension, run the test suite
 PYTHON ?= python3
 VENV   ?= .venv
