@@ -43,6 +43,48 @@ def host_readable(value: torch.Tensor) -> bool:
     return value.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
+def _check_scalar_tensor(name: str, value: torch.Tensor, device: torch.device) -> None:
+    """A 0-d (or one-element 1-d) floating-point tensor on the features' device or the CPU."""
+    if value.numel() != 1 or value.dim() > 1:
+        raise ValueError(f"{name} must be a float or a 0-d tensor, got shape {tuple(value.shape)}")
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
+    if value.device != device and value.device.type != "cpu":
+        raise ValueError(f"{name} is on {value.device} but the features are on {device}")
+
+
+def check_finite_scalar(name: str, value, device: torch.device) -> None:
+    """None, a finite float or a 0-d float tensor of any sign (e.g. a logit bias). A tensor's value
+    is not read (no host sync): a NaN there propagates into the loss as NaN, like any input."""
+    if value is None:
+        return
+    if isinstance(value, torch.Tensor):
+        _check_scalar_tensor(name, value, device)
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float or a 0-d tensor, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+
+
+def check_world(owner: str, rank, world_size, use_horovod: bool = False) -> None:
+    """OpenCLIP's (rank, world_size): validated; more than one process is not implemented yet."""
+    for name, value in (("rank", rank), ("world_size", world_size)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size) = [0, {world_size}), got {rank}")
+    if use_horovod:
+        raise NotImplementedError(f"{owner}(use_horovod=True): Horovod is not supported by cl_fast")
+    if world_size > 1:
+        raise NotImplementedError(
+            f"{owner}(world_size={world_size}): the multi-process loss (features gathered over the ranks) "
+            "is not implemented yet; cl_fast computes the single-process loss only (world_size=1)"
+        )
+
+
 def check_positive_scalar(name: str, value, device: torch.device) -> None:
     """A float or a 0-d float tensor, finite and > 0.
 
@@ -54,12 +96,7 @@ def check_positive_scalar(name: str, value, device: torch.device) -> None:
     process's CUDA context (the price of not synchronising on every step).
     """
     if isinstance(value, torch.Tensor):
-        if value.numel() != 1 or value.dim() > 1:
-            raise ValueError(f"{name} must be a float or a 0-d tensor, got shape {tuple(value.shape)}")
-        if not value.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
-        if value.device != device and value.device.type != "cpu":
-            raise ValueError(f"{name} is on {value.device} but the features are on {device}")
+        _check_scalar_tensor(name, value, device)
         if not host_readable(value):
             valid = (value.detach() > 0) & torch.isfinite(value.detach())
             torch._assert_async(valid.reshape(()), f"{name} must be finite and > 0")

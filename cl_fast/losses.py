@@ -17,7 +17,6 @@ from torch import Tensor, nn
 from . import _checks, _dispatch, reference
 from ._ops import infonce as ops
 from ._ops import reduce_loss, scale_tensor
-from .siglip import _check_bias, _check_world
 
 
 def _zero_loss(rows: int, reduction: str, *tensors) -> Tensor:
@@ -94,7 +93,7 @@ def clip_loss(
     """
     _checks.check_pair("image_features", image_features, "text_features", text_features)
     _checks.check_positive_scalar("logit_scale", logit_scale, image_features.device)
-    _check_bias(logit_bias, image_features.device)
+    _checks.check_finite_scalar("logit_bias", logit_bias, image_features.device)
     backend = _dispatch.resolve(backend, image_features.device, image_features.dtype, image_features.shape[1])
     if backend == "torch":
         return reference.clip_loss(image_features, text_features, logit_scale, logit_bias, normalize=normalize)
@@ -276,7 +275,7 @@ class ClipLoss(nn.Module):
         backend: str = "auto",
     ):
         super().__init__()
-        _check_world("ClipLoss", rank, world_size, use_horovod)
+        _checks.check_world("ClipLoss", rank, world_size, use_horovod)
         if backend not in _dispatch.BACKENDS:
             raise ValueError(f"backend must be one of {_dispatch.BACKENDS}, got {backend!r}")
         self.local_loss, self.gather_with_grad, self.cache_labels = local_loss, gather_with_grad, cache_labels

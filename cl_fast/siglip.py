@@ -9,8 +9,6 @@ cl_fast/triton_kernels/siglip.py). Gradients flow into both features, `logit_sca
 """
 from __future__ import annotations
 
-import math
-import numbers
 
 import torch
 from torch import Tensor, nn
@@ -22,24 +20,6 @@ from ._ops.siglip import siglip_fwd
 __all__ = ["siglip_loss", "SigLipLoss"]
 
 _DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
-
-
-def _check_bias(value, device: torch.device) -> None:
-    """logit_bias: None, a finite float or a 0-d float tensor (any sign)."""
-    if value is None:
-        return
-    if isinstance(value, Tensor):
-        if value.numel() != 1 or value.dim() > 1:
-            raise ValueError(f"logit_bias must be a float or a 0-d tensor, got shape {tuple(value.shape)}")
-        if not value.is_floating_point():
-            raise TypeError(f"logit_bias must be a floating-point tensor, got {value.dtype}")
-        if value.device != device and value.device.type != "cpu":
-            raise ValueError(f"logit_bias is on {value.device} but the features are on {device}")
-        return
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"logit_bias must be a float or a 0-d tensor, got {type(value).__name__}")
-    if not math.isfinite(value):
-        raise ValueError(f"logit_bias must be finite, got {value}")
 
 
 def siglip_loss(
@@ -54,7 +34,7 @@ def siglip_loss(
     _checks.check_pair("image_features", image_features, "text_features", text_features)
     device = image_features.device
     _checks.check_positive_scalar("logit_scale", logit_scale, device)
-    _check_bias(logit_bias, device)
+    _checks.check_finite_scalar("logit_bias", logit_bias, device)
     backend = _dispatch.resolve(backend, device, image_features.dtype, image_features.shape[1], op="siglip")
     if backend == "torch":
         return reference.siglip_loss(image_features, text_features, logit_scale, logit_bias)
@@ -76,7 +56,7 @@ class SigLipLoss(nn.Module):
         chunk_size: int = 0, *, backend: str = "auto",
     ):
         super().__init__()
-        _check_world("SigLipLoss", rank, world_size)
+        _checks.check_world("SigLipLoss", rank, world_size)
         if dist_impl is not None and dist_impl not in _DIST_IMPLS:
             raise ValueError(f"dist_impl must be None or one of {_DIST_IMPLS}, got {dist_impl!r}")
         if backend not in _dispatch.BACKENDS:
@@ -91,21 +71,3 @@ class SigLipLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, world_size={self.world_size}, backend={self.backend!r}"
-
-
-def _check_world(owner: str, rank, world_size, use_horovod: bool = False) -> None:
-    """OpenCLIP's (rank, world_size): validated; more than one process is not implemented yet."""
-    for name, value in (("rank", rank), ("world_size", world_size)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if world_size < 1:
-        raise ValueError(f"world_size must be >= 1, got {world_size}")
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank must be in [0, world_size) = [0, {world_size}), got {rank}")
-    if use_horovod:
-        raise NotImplementedError(f"{owner}(use_horovod=True): Horovod is not supported by cl_fast")
-    if world_size > 1:
-        raise NotImplementedError(
-            f"{owner}(world_size={world_size}): the multi-process loss (features gathered over the ranks) "
-            "is not implemented yet; cl_fast computes the single-process loss only (world_size=1)"
-        )
