@@ -68,6 +68,26 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) moco_partial_kernel(const
   }
 }
 
+// Row i's positive logit l0 merged with its per-split statistics (the recurrence is the one in
+// moco_merge_kernel's comment): writes the row's loss, returns m, L_neg and L for the gradient.
+struct MocoRowStats {
+  float m, l_neg, total;
+};
+
+__device__ __forceinline__ MocoRowStats moco_merge_stats(const MocoParams& p, int64_t i, float l0, int lane) {
+  float m_neg = kMaxFloor;
+  for (int sp = 0; sp < p.splits; ++sp) m_neg = fmaxf(m_neg, p.part_m[static_cast<int64_t>(sp) * p.n + i]);
+  const float m = fmaxf(l0, m_neg);
+  float l_neg = 0.f;
+  for (int sp = 0; sp < p.splits; ++sp) {
+    const int64_t slot = static_cast<int64_t>(sp) * p.n + i;
+    l_neg += p.part_l[slot] * __expf(p.part_m[slot] - m);
+  }
+  const float total = __expf(l0 - m) + l_neg;
+  if (lane == 0) p.loss[i] = l0 >= m_neg ? log1pf(l_neg) : (m - l0) + logf(total);
+  return {m, l_neg, total};
+}
+
 // One warp per row: merge the splits with the positive. m_neg = max_s m_s, m = max(l0, m_neg),
 // L_neg = sum_s l_s e^(m_s - m), L = e^(l0 - m) + L_neg; loss = log1p(L_neg) when the positive
 // is the max, else (m - l0) + log L (never lse - l0 formed by cancellation); P0 - 1 = -L_neg / L.
@@ -87,17 +107,9 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) moco_merge_kernel(const _
   }
   const float s = *p.scale;
   const float l0 = s * warp_dot(u, v);
-  float m_neg = kMaxFloor;
-  for (int sp = 0; sp < p.splits; ++sp) m_neg = fmaxf(m_neg, p.part_m[static_cast<int64_t>(sp) * p.n + i]);
-  const float m = fmaxf(l0, m_neg);
-  float l_neg = 0.f;
-  for (int sp = 0; sp < p.splits; ++sp) {
-    const int64_t slot = static_cast<int64_t>(sp) * p.n + i;
-    l_neg += p.part_l[slot] * __expf(p.part_m[slot] - m);
-  }
-  const float total = __expf(l0 - m) + l_neg;
-  if (lane == 0) p.loss[i] = l0 >= m_neg ? log1pf(l_neg) : (m - l0) + logf(total);
+  const MocoRowStats stats = moco_merge_stats(p, i, l0, lane);
   if (!p.need_grad) return;
+  const float m = stats.m, l_neg = stats.l_neg, total = stats.total;
   float d[kPerLane];
   const float pos_coef = -l_neg / total;
 #pragma unroll
@@ -288,17 +300,9 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, 1) moco_merge_any_kernel(
   const float rv = inv_clamped(warp_norm_any(p.k, p.dtype, i, p.dim, lane));
   const float s = *p.scale;
   const float l0 = s * (warp_dot_any(p.q, p.dtype, i, p.k, p.dtype, i, p.dim, lane) * r * rv);
-  float m_neg = kMaxFloor;
-  for (int sp = 0; sp < p.splits; ++sp) m_neg = fmaxf(m_neg, p.part_m[static_cast<int64_t>(sp) * p.n + i]);
-  const float m = fmaxf(l0, m_neg);
-  float l_neg = 0.f;
-  for (int sp = 0; sp < p.splits; ++sp) {
-    const int64_t slot = static_cast<int64_t>(sp) * p.n + i;
-    l_neg += p.part_l[slot] * __expf(p.part_m[slot] - m);
-  }
-  const float total = __expf(l0 - m) + l_neg;
-  if (lane == 0) p.loss[i] = l0 >= m_neg ? log1pf(l_neg) : (m - l0) + logf(total);
+  const MocoRowStats stats = moco_merge_stats(p, i, l0, lane);
   if (!p.need_grad) return;
+  const float m = stats.m, l_neg = stats.l_neg, total = stats.total;
   float* e = p.e + i * p.dim;
   const float pos_coef = -l_neg / total;
   for (int d = lane; d < p.dim; d += 32) e[d] = pos_coef * rv * load_elem(p.k, p.dtype, i * p.dim + d);
