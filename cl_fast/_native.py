@@ -60,6 +60,16 @@ def cross_bwd(grad_row, grad_col, q, k, scale, row_lse, col_lse, both: bool, nor
     return _ops.cross_bwd(grad_row, grad_col, q, k, scale, row_lse, col_lse, bool(both), bool(normalize))
 
 
+def block_fwd(rows, cols, scale, diag: int, pairs: bool):
+    """-> lse (M,) fp32: each row's log-sum-exp over the slice's columns (block piece, _ops/infonce.py)."""
+    return _ops.infonce_block_fwd(rows, cols, scale, int(diag), bool(pairs))
+
+
+def block_bwd(grad, rows, cols, scale, lse, diag: int, pairs: bool):
+    """-> (drows, dcols, dscale) fp32: gradients of sum(grad * lse) through this slice's terms."""
+    return _ops.infonce_block_bwd(grad, rows, cols, scale, lse, int(diag), bool(pairs))
+
+
 # ---------------------------------------------------------------- MoCo, BYOL, SwAV Sinkhorn, SigLIP
 def moco_fwd(q, k, queue, scale, need_grad: bool):
     """-> (loss (N,), e (N, D) or (0, D), c (N,) or (0,)), fp32; see cl_fast/_ops/moco.py."""

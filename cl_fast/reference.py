@@ -105,6 +105,46 @@ def siglip_loss(image_features, text_features, logit_scale, logit_bias, *, reduc
     return reduce_loss(per_row, reduction)
 
 
+# ------------------------------------------------- InfoNCE block pieces (distributed losses)
+def infonce_block_excluded(m: int, c: int, diag: int, pairs: bool, device=None) -> torch.Tensor:
+    """(M, C) bool: the columns of a slice that row i's log-sum-exp leaves out.
+
+    pairs=False (info_nce / clip, positives on a diagonal): j == i + diag, the positive.
+    pairs=True (nt_xent, rows = the two views [a; b] of M / 2 samples each): j == i + diag, the row
+    itself, and j == diag + (i + M / 2) mod M, its positive. Indices outside [0, C) exclude nothing.
+    """
+    i = torch.arange(m, device=device)[:, None]
+    j = torch.arange(c, device=device)[None, :]
+    excluded = j == i + diag
+    if pairs:
+        excluded |= j == diag + (i + m // 2) % max(m, 1)
+    return excluded
+
+
+def infonce_block_lse(rows, cols, scale, diag: int, pairs: bool):
+    """lse_i = log sum_{j not excluded} exp(S_ij), S = scale * rows cols^T (features as given);
+    -inf where no column of the slice is left. The forward block piece, (M,) fp32 (float64 stays)."""
+    dtype = _compute_dtype(rows)
+    logits = (rows.to(dtype) @ cols.to(dtype).T) * scale
+    excluded = infonce_block_excluded(rows.shape[0], cols.shape[0], diag, pairs, rows.device)
+    return torch.logsumexp(logits.masked_fill(excluded, float("-inf")), dim=1)
+
+
+def infonce_block_grad(grad, rows, cols, scale, lse, diag: int, pairs: bool):
+    """The backward block piece: the gradients of sum_i grad_i lse_i through this slice's terms,
+    with P = exp(S - lse) for the merged lse over every slice. dS = grad_i P_ij on the columns that
+    are not excluded; returns (scale dS cols, scale dS^T rows, sum dS * rows cols^T), fp32 (float64 stays).
+    Rows with lse = -inf (no column anywhere) contribute nothing."""
+    dtype = _compute_dtype(rows)
+    r, c = rows.to(dtype), cols.to(dtype)
+    dots = r @ c.T
+    excluded = infonce_block_excluded(rows.shape[0], cols.shape[0], diag, pairs, rows.device)
+    finite = torch.isfinite(lse)[:, None]
+    shifted = torch.where(finite, dots * scale - torch.where(finite, lse[:, None], 0), float("-inf"))
+    ds = grad.to(dtype)[:, None] * shifted.masked_fill(excluded, float("-inf")).exp()
+    return (ds @ c) * scale, (ds.T @ r) * scale, (ds * dots).sum()
+
+
 # ------------------------------------------------------------------------- MoCo and BYOL
 def moco_loss(q, k, queue, temperature=0.07, *, reduction="mean"):
     """MoCo v1/v2 InfoNCE: row i scores its key k_i (label 0) against every stored queue row.

@@ -151,6 +151,27 @@ void check_cross_bwd(const at::Tensor& grad_row, const at::Tensor& grad_col, con
   check_col_vector(col_lse, "col_lse (from cross_fwd)", n, q, both);
 }
 
+void check_infonce_block_fwd(const at::Tensor& rows, const at::Tensor& cols, const at::Tensor& scale, int64_t /*diag*/,
+                             bool pairs) {
+  check_features(rows, "rows", 0);
+  check_features(cols, "cols", 0);
+  TORCH_CHECK_VALUE(cols.size(1) == rows.size(1), "cols must have D=", rows.size(1), " columns (rows'), got shape ",
+                    cols.sizes());
+  TORCH_CHECK_TYPE(cols.scalar_type() == rows.scalar_type(), "cols must have the same dtype as rows: expected ",
+                   rows.scalar_type(), ", got ", cols.scalar_type());
+  check_same_device(cols, "cols", rows, "rows");
+  TORCH_CHECK_VALUE(!pairs || rows.size(0) % 2 == 0,
+                    "rows must have an even number of rows when pairs=True (the two views), got shape ", rows.sizes());
+  check_scale(scale, rows);
+}
+
+void check_infonce_block_bwd(const at::Tensor& grad, const at::Tensor& rows, const at::Tensor& cols,
+                             const at::Tensor& scale, const at::Tensor& lse, int64_t diag, bool pairs) {
+  check_infonce_block_fwd(rows, cols, scale, diag, pairs);
+  check_row_vector(grad, "grad (upstream gradient of the rows' log-sum-exp)", rows.size(0), rows);
+  check_row_vector(lse, "lse (the rows' log-sum-exp over every column slice)", rows.size(0), rows);
+}
+
 void check_moco_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& queue, const at::Tensor& scale,
                     bool /*need_grad*/, int64_t splits) {
   check_features(q, "q", 1);
@@ -289,6 +310,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_bwd_meta(const at::Tensor& 
   return {contiguous_like(q), contiguous_like(k), fp32_scalar(q)};
 }
 
+at::Tensor infonce_block_fwd_meta(const at::Tensor& rows, const at::Tensor& cols, const at::Tensor& scale,
+                                  int64_t /*diag*/, bool /*pairs*/) {
+  check_meta_pair(rows, "rows", cols, "cols");
+  check_meta_scalar(scale, "scale", rows);
+  return fp32_vector(rows.sym_size(0), rows);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_block_bwd_meta(const at::Tensor& /*grad*/,
+                                                                      const at::Tensor& rows, const at::Tensor& cols,
+                                                                      const at::Tensor& scale,
+                                                                      const at::Tensor& /*lse*/, int64_t /*diag*/,
+                                                                      bool /*pairs*/) {
+  check_meta_pair(rows, "rows", cols, "cols");
+  check_meta_scalar(scale, "scale", rows);
+  return {at::empty_symint(rows.sym_sizes(), fp32_like(rows)), at::empty_symint(cols.sym_sizes(), fp32_like(cols)),
+          fp32_scalar(rows)};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> moco_fwd_meta(const at::Tensor& q, const at::Tensor& k,
                                                              const at::Tensor& queue, const at::Tensor& scale,
                                                              bool need_grad, int64_t /*splits*/) {
@@ -367,6 +406,12 @@ TORCH_LIBRARY(cl_fast_C, m) {
   m.def("cross_bwd(Tensor grad_row, Tensor grad_col, Tensor q, Tensor k, Tensor scale, Tensor row_lse, "
         "Tensor col_lse, bool both, bool normalize) -> (Tensor dq, Tensor dk, Tensor dscale)",
         tags);
+  // InfoNCE block pieces (the distributed losses; cl_fast/_ops/infonce.py): rows (M, D) against a
+  // column slice (C, D), S = scale rows cols^T, row i's self / positive columns excluded (diag, pairs).
+  m.def("infonce_block_fwd(Tensor rows, Tensor cols, Tensor scale, int diag, bool pairs) -> Tensor lse", tags);
+  m.def("infonce_block_bwd(Tensor grad, Tensor rows, Tensor cols, Tensor scale, Tensor lse, int diag, bool pairs) "
+        "-> (Tensor drows, Tensor dcols, Tensor dscale)",
+        tags);
   // MoCo: loss against a (K, D) queue (e, c: the gradient direction, see cl_fast/_ops/moco.py);
   // the ring-buffer enqueue advances the 0-d integer ptr in place.
   m.def("moco_fwd(Tensor q, Tensor k, Tensor queue, Tensor scale, bool need_grad, int splits=0) "
@@ -392,6 +437,8 @@ TORCH_LIBRARY_IMPL(cl_fast_C, Meta, m) {
   m.impl("ntxent_bwd", &cl_fast::ntxent_bwd_meta);
   m.impl("cross_fwd", &cl_fast::cross_fwd_meta);
   m.impl("cross_bwd", &cl_fast::cross_bwd_meta);
+  m.impl("infonce_block_fwd", &cl_fast::infonce_block_fwd_meta);
+  m.impl("infonce_block_bwd", &cl_fast::infonce_block_bwd_meta);
   m.impl("moco_fwd", &cl_fast::moco_fwd_meta);
   m.impl("moco_queue_update_", &cl_fast::moco_queue_update_meta);
   m.impl("byol_fwd", &cl_fast::byol_fwd_meta);

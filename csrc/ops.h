@@ -20,6 +20,11 @@ void check_cross_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 void check_cross_bwd(const at::Tensor& grad_row, const at::Tensor& grad_col, const at::Tensor& q, const at::Tensor& k,
                      const at::Tensor& scale, const at::Tensor& row_lse, const at::Tensor& col_lse, bool both,
                      bool normalize);
+// InfoNCE block pieces (rows x a slice of columns, for the distributed losses): see ops.cpp.
+void check_infonce_block_fwd(const at::Tensor& rows, const at::Tensor& cols, const at::Tensor& scale, int64_t diag,
+                             bool pairs);
+void check_infonce_block_bwd(const at::Tensor& grad, const at::Tensor& rows, const at::Tensor& cols,
+                             const at::Tensor& scale, const at::Tensor& lse, int64_t diag, bool pairs);
 void check_moco_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& queue, const at::Tensor& scale,
                     bool need_grad, int64_t splits);
 void check_moco_queue_update_(const at::Tensor& queue, const at::Tensor& keys, const at::Tensor& ptr);

@@ -126,3 +126,39 @@ def _cross_backward(ctx, grad_row, grad_col, _grad_row_lse, _grad_col_lse):
 
 
 cross_fwd.register_autograd(_cross_backward, setup_context=_cross_setup)
+
+
+# ------------------------------------- block pieces: rows against one slice of columns (distributed)
+# S = scale * rows cols^T on the features AS GIVEN (the caller normalises), row i's self / positive
+# columns excluded as reference.infonce_block_excluded says (diag, pairs). The forward gives each
+# row's log-sum-exp over the slice; slices merge with torch.logaddexp. The backward takes the
+# merged lse and the upstream gradient of it and returns fp32 (drows, dcols, dscale) of this slice.
+# No autograd here: cl_fast/distributed.py composes the pieces and owns the gradient.
+def _block_fwd_impl(rows: Tensor, cols: Tensor, scale: Tensor, diag: int, pairs: bool, backend: str) -> Tensor:
+    """(M,) fp32 log-sum-exp of each row over the slice's columns that are not excluded."""
+    return _launchers(backend).block_fwd(rows.contiguous(), cols.contiguous(), scale, int(diag), bool(pairs))
+
+
+infonce_block_fwd = define("infonce_block_fwd", _block_fwd_impl)
+
+
+@infonce_block_fwd.register_fake
+def _(rows, cols, scale, diag, pairs, backend):
+    return fp32((rows.shape[0],), rows)
+
+
+def _block_bwd_impl(
+    grad: Tensor, rows: Tensor, cols: Tensor, scale: Tensor, lse: Tensor, diag: int, pairs: bool, backend: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(drows (M, D), dcols (C, D), dscale ()) fp32: gradients of sum_i grad_i lse_i through this slice."""
+    return tuple(_launchers(backend).block_bwd(
+        grad.contiguous(), rows.contiguous(), cols.contiguous(), scale, lse.contiguous(), int(diag), bool(pairs)
+    ))
+
+
+infonce_block_bwd = define("infonce_block_bwd", _block_bwd_impl)
+
+
+@infonce_block_bwd.register_fake
+def _(grad, rows, cols, scale, lse, diag, pairs, backend):
+    return fp32(tuple(rows.shape), rows), fp32(tuple(cols.shape), cols), fp32((), scale)
