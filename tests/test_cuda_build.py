@@ -231,7 +231,8 @@ def test_registrations_compile():
 def test_every_family_registers_cuda_kernels():
     registered = "".join(p.read_text() for p in cu_files() if is_registration(p))
     for op in ["ntxent_fwd", "ntxent_bwd", "cross_fwd", "cross_bwd", "moco_fwd", "moco_queue_update_", "byol_fwd",
-               "byol_bwd", "sinkhorn", "sinkhorn_col_lse", "sinkhorn_assign", "siglip_fwd", "siglip_bwd"]:
+               "byol_bwd", "sinkhorn", "sinkhorn_col_lse", "sinkhorn_assign", "siglip_fwd", "siglip_bwd",
+               "infonce_block_fwd", "infonce_block_bwd"]:
         assert f'm.impl("{op}"' in registered, f"{op} has no CUDA registration"
 
 

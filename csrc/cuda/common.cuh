@@ -1,7 +1,7 @@
 #pragma once
 // Device helpers shared by the cl_fast CUDA kernels: element conversions, the PTX of the
 // tensor-core tiles (mma.sync) and of the asynchronous global->shared copies (cp.async), warp
-// reductions. No torch types here.
+// reductions; one host helper for the launchers (allow_smem). No torch types here.
 //
 // The PTX is written out (inline asm) rather than taken from CuTe: the kernels need two MMA shapes
 // and one copy width, the fragment layouts below are the ones the PTX ISA documents, and keeping
@@ -10,6 +10,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 
 namespace cl_fast::cuda {
@@ -134,6 +135,23 @@ __device__ __forceinline__ uint32_t f16x2_to_bf16x2(uint32_t h) {
   *reinterpret_cast<uint32_t*>(&v) = h;
   const float2 f = __half22float2(v);
   return pack_bf16(f.x, f.y);
+}
+
+// ---- host side: launch helpers ----------------------------------------------------------------
+// Raises the kernel's dynamic shared-memory limit past the default 48 KB, once per device
+// (`done` is the kernel's bitmask of devices already set; the call is not a stream operation, so
+// later launches, CUDA-graph capture included, make no driver call for it).
+template <typename Kernel>
+cudaError_t allow_smem(Kernel kernel, size_t bytes, std::atomic<unsigned long long>& done) {
+  if (bytes <= 48 * 1024) return cudaSuccess;
+  int device = 0;
+  cudaError_t status = cudaGetDevice(&device);
+  if (status != cudaSuccess) return status;
+  const unsigned long long bit = device < 64 ? 1ull << device : 0ull;
+  if (bit != 0 && (done.load(std::memory_order_acquire) & bit) != 0) return cudaSuccess;
+  status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+  if (status == cudaSuccess) done.fetch_or(bit, std::memory_order_release);
+  return status;
 }
 
 }  // namespace cl_fast::cuda

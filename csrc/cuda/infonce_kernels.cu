@@ -2,8 +2,6 @@
 // (dtype, nt_xent | cross), dynamic shared memory raised past 48 KB where needed.
 #include "infonce_kernels.cuh"
 
-#include <atomic>
-
 namespace cl_fast::cuda {
 namespace {
 
@@ -28,22 +26,6 @@ cudaError_t launch_inv_norm(const InfonceProblem& p, cudaStream_t stream) {
     case Dtype::kBFloat16: row_inv_norm_kernel<__nv_bfloat16><<<blocks, 256, 0, stream>>>(p); break;
   }
   return cudaGetLastError();
-}
-
-// Raises the kernel's dynamic shared-memory limit past the default 48 KB, once per device
-// (`done` is the kernel's bitmask of devices already set; the call is not a stream operation, so
-// later launches, CUDA-graph capture included, make no driver call for it).
-template <typename Kernel>
-cudaError_t allow_smem(Kernel kernel, size_t bytes, std::atomic<unsigned long long>& done) {
-  if (bytes <= 48 * 1024) return cudaSuccess;
-  int device = 0;
-  cudaError_t status = cudaGetDevice(&device);
-  if (status != cudaSuccess) return status;
-  const unsigned long long bit = device < 64 ? 1ull << device : 0ull;
-  if (bit != 0 && (done.load(std::memory_order_acquire) & bit) != 0) return cudaSuccess;
-  status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
-  if (status == cudaSuccess) done.fetch_or(bit, std::memory_order_release);
-  return status;
 }
 
 template <typename Element, bool kCross, bool kSiglip>

@@ -182,6 +182,63 @@ __device__ __forceinline__ void mma_scores_chunk(float (&acc)[Traits::kColTiles8
   }
 }
 
+// du_slab (16 x kSlice per warp, fp32) += W (16 x kCols: the warp's rows, in the accumulator
+// layout of an S tile) @ V (kCols x kSlice in shared memory, row stride kSliceStride). fp32: 3xTF32;
+// fp16 / bf16: bf16 MMAs (W rounded to bf16, fp16 V fragments converted while loading).
+template <typename Traits>
+__device__ __forceinline__ void mma_weights_slice(float (&du)[Traits::kSliceTiles8][4],
+                                                  const float (&acc)[Traits::kColTiles8][4],
+                                                  const typename Traits::Element* v, int lane) {
+  using Element = typename Traits::Element;
+  const int g = lane >> 2, t = lane & 3;
+  constexpr int VS = Traits::kSliceStride;
+  if constexpr (Traits::kFp32) {
+    // k order permuted to the accumulator layout: logical k = t <-> column 2t, k = t + 4 <-> 2t + 1
+#pragma unroll
+    for (int ks = 0; ks < Traits::kCols / 8; ++ks) {
+      uint32_t ahi[4], alo[4];
+      split_tf32(acc[ks][0], ahi[0], alo[0]);
+      split_tf32(acc[ks][2], ahi[1], alo[1]);
+      split_tf32(acc[ks][1], ahi[2], alo[2]);
+      split_tf32(acc[ks][3], ahi[3], alo[3]);
+      const float* v0 = v + (8 * ks + 2 * t) * VS + g;
+#pragma unroll
+      for (int dn = 0; dn < Traits::kSliceTiles8; ++dn) {
+        uint32_t b0hi, b0lo, b1hi, b1lo;
+        split_tf32(v0[8 * dn], b0hi, b0lo);
+        split_tf32(v0[VS + 8 * dn], b1hi, b1lo);
+        mma_tf32_1688(du[dn], alo, b0hi, b1hi);
+        mma_tf32_1688(du[dn], ahi, b0lo, b1lo);
+        mma_tf32_1688(du[dn], ahi, b0hi, b1hi);
+      }
+    }
+  } else {
+#pragma unroll
+    for (int ks = 0; ks < Traits::kCols / 16; ++ks) {
+      uint32_t a[4];
+      a[0] = pack_bf16(acc[2 * ks][0], acc[2 * ks][1]);
+      a[1] = pack_bf16(acc[2 * ks][2], acc[2 * ks][3]);
+      a[2] = pack_bf16(acc[2 * ks + 1][0], acc[2 * ks + 1][1]);
+      a[3] = pack_bf16(acc[2 * ks + 1][2], acc[2 * ks + 1][3]);
+      // ldmatrix.x4.trans of V (rows j = columns of the tile, along k; features d along n):
+      // matrices (j 0-7, dn), (j 8-15, dn), (j 0-7, dn+1), (j 8-15, dn+1) = b0, b1 of dn and of
+      // dn+1 (lane l gets V[j0 + 2(l%4)][d0 + l/4] and V[j0 + 2(l%4) + 1][d0 + l/4])
+      const Element* v_frag = v + (16 * ks + (lane & 7) + 8 * ((lane >> 3) & 1)) * VS + 8 * (lane >> 4);
+#pragma unroll
+      for (int dn = 0; dn < Traits::kSliceTiles8; dn += 2) {
+        uint32_t b[4];
+        ldmatrix_x4_trans(b, v_frag + 8 * dn);
+        if constexpr (std::is_same_v<Element, __half>) {
+#pragma unroll
+          for (int r = 0; r < 4; ++r) b[r] = f16x2_to_bf16x2(b[r]);
+        }
+        mma_bf16_16816(du[dn], a, b[0], b[1]);
+        mma_bf16_16816(du[dn + 1], a, b[2], b[3]);
+      }
+    }
+  }
+}
+
 // Shared-memory pieces of one CTA (offsets computed, never a run-time index into a pointer array,
 // which would put the array on the stack).
 template <typename Traits>
@@ -612,53 +669,7 @@ __global__ void __launch_bounds__(Traits::kThreads) infonce_bwd_kernel(const __g
     }
 
     // du_slab += W (16 x kCols) @ V (kCols x kSlice)
-    const Element* v = sm.v_slice(tile);
-    constexpr int VS = Traits::kSliceStride;
-    if constexpr (Traits::kFp32) {
-      // k order permuted to the accumulator layout: logical k = t <-> column 2t, k = t + 4 <-> 2t + 1
-#pragma unroll
-      for (int ks = 0; ks < Traits::kCols / 8; ++ks) {
-        uint32_t ahi[4], alo[4];
-        split_tf32(acc[ks][0], ahi[0], alo[0]);
-        split_tf32(acc[ks][2], ahi[1], alo[1]);
-        split_tf32(acc[ks][1], ahi[2], alo[2]);
-        split_tf32(acc[ks][3], ahi[3], alo[3]);
-        const float* v0 = v + (8 * ks + 2 * t) * VS + g;
-#pragma unroll
-        for (int dn = 0; dn < Traits::kSliceTiles8; ++dn) {
-          uint32_t b0hi, b0lo, b1hi, b1lo;
-          split_tf32(v0[8 * dn], b0hi, b0lo);
-          split_tf32(v0[VS + 8 * dn], b1hi, b1lo);
-          mma_tf32_1688(du[dn], alo, b0hi, b1hi);
-          mma_tf32_1688(du[dn], ahi, b0lo, b1lo);
-          mma_tf32_1688(du[dn], ahi, b0hi, b1hi);
-        }
-      }
-    } else {
-#pragma unroll
-      for (int ks = 0; ks < Traits::kCols / 16; ++ks) {
-        uint32_t a[4];
-        a[0] = pack_bf16(acc[2 * ks][0], acc[2 * ks][1]);
-        a[1] = pack_bf16(acc[2 * ks][2], acc[2 * ks][3]);
-        a[2] = pack_bf16(acc[2 * ks + 1][0], acc[2 * ks + 1][1]);
-        a[3] = pack_bf16(acc[2 * ks + 1][2], acc[2 * ks + 1][3]);
-        // ldmatrix.x4.trans of V (rows j = columns of the tile, along k; features d along n):
-        // matrices (j 0-7, dn), (j 8-15, dn), (j 0-7, dn+1), (j 8-15, dn+1) = b0, b1 of dn and of
-        // dn+1 (lane l gets V[j0 + 2(l%4)][d0 + l/4] and V[j0 + 2(l%4) + 1][d0 + l/4])
-        const Element* v_frag = v + (16 * ks + (lane & 7) + 8 * ((lane >> 3) & 1)) * VS + 8 * (lane >> 4);
-#pragma unroll
-        for (int dn = 0; dn < Traits::kSliceTiles8; dn += 2) {
-          uint32_t b[4];
-          ldmatrix_x4_trans(b, v_frag + 8 * dn);
-          if constexpr (std::is_same_v<Element, __half>) {
-#pragma unroll
-            for (int r = 0; r < 4; ++r) b[r] = f16x2_to_bf16x2(b[r]);
-          }
-          mma_bf16_16816(du[dn], a, b[0], b[1]);
-          mma_bf16_16816(du[dn + 1], a, b[2], b[3]);
-        }
-      }
-    }
+    mma_weights_slice<Traits>(du, acc, sm.v_slice(tile), lane);
     __syncthreads();  // v_slice and the column data are rewritten by the next tile
   }
 
@@ -749,8 +760,11 @@ __global__ void __launch_bounds__(Traits::kThreads) infonce_bwd_kernel(const __g
 }
 
 // out = sum of the partials (/ (2 s) when halve_by_scale: InfoNCE's dL/ds), one block, fixed order.
-__global__ void __launch_bounds__(256) dscale_finalize_kernel(const float* partials, int64_t count, const float* scale,
-                                                              bool halve_by_scale, float* out) {
+// static: each kernel file including this header has its own copy (a __global__ function with
+// external linkage would be defined twice when the files are linked into one library).
+static __global__ void __launch_bounds__(256) dscale_finalize_kernel(const float* partials, int64_t count,
+                                                                     const float* scale, bool halve_by_scale,
+                                                                     float* out) {
   __shared__ float warp_totals[8];
   float acc = 0.f;
   for (int64_t i = threadIdx.x; i < count; i += 256) acc += partials[i];

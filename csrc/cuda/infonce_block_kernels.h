@@ -1,0 +1,63 @@
+#pragma once
+// Plain launch interface of the InfoNCE block-piece CUDA kernels (rows against one slice of
+// columns, the pieces of the distributed losses; semantics in csrc/ops.cpp and
+// cl_fast/reference.py infonce_block_*): parameter structs of raw pointers, no torch types.
+// csrc/cuda/infonce_block.cu (the torch registration) fills them; csrc/cuda/infonce_block_kernels.cu
+// holds the kernels and these launchers.
+//
+// S_ij = s rows_i . cols_j (features as given, fp32 accumulation). Row i leaves out column
+// i + diag and, with pairs, column diag + (i + m/2) mod m (its positive); offsets outside [0, c)
+// leave out nothing.
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "infonce_kernels.h"  // Dtype
+
+namespace cl_fast::cuda {
+
+struct InfonceBlockProblem {
+  const void* rows = nullptr;  // (m, dim), contiguous, `dtype`
+  const void* cols = nullptr;  // (c, dim), same dtype
+  int64_t m = 0;
+  int64_t c = 0;
+  int dim = 0;
+  Dtype dtype = Dtype::kFloat32;
+  int64_t diag = 0;
+  bool pairs = false;            // m even
+  const float* scale = nullptr;  // 0-d fp32 on the device
+};
+
+// lse (m) fp32: lse_i = log sum over the columns row i keeps of exp(S_ij); -inf when none is kept.
+struct InfonceBlockFwdParams : InfonceBlockProblem {
+  float* lse = nullptr;
+};
+
+// grad (m), lse (m): the upstream gradient and the MERGED log-sum-exp of every row (over all
+// slices). dS_ij = grad_i exp(S_ij - lse_i) on the kept columns (0 for rows whose lse is not
+// finite). Writes drows (m, dim) = s dS cols, dcols (c, dim) = s dS^T rows (fp32) and dscale
+// (0-d fp32) = sum_ij dS_ij rows_i . cols_j; dscale_partials is a workspace of
+// infonce_block_dscale_partials(m) floats.
+struct InfonceBlockBwdParams : InfonceBlockProblem {
+  const float* grad = nullptr;
+  const float* lse = nullptr;
+  float* drows = nullptr;
+  float* dcols = nullptr;
+  float* dscale = nullptr;
+  float* dscale_partials = nullptr;
+};
+
+// Rows (forward, drows) or columns (dcols) per CTA; output features per CTA of the backward.
+constexpr int kInfonceBlockItems = 64;
+constexpr int kInfonceBlockSlice = 128;
+inline int64_t infonce_block_dscale_partials(int64_t m) {
+  return (m + kInfonceBlockItems - 1) / kInfonceBlockItems;
+}
+// The largest feature dimension the backward's grid holds (blockIdx.y walks slices of 128).
+constexpr int64_t kInfonceBlockMaxDim = int64_t{65535} * kInfonceBlockSlice;
+
+// Enqueue on `stream`; return the launch status (cudaSuccess when all launches were accepted).
+cudaError_t infonce_block_forward(const InfonceBlockFwdParams& params, cudaStream_t stream);
+cudaError_t infonce_block_backward(const InfonceBlockBwdParams& params, cudaStream_t stream);
+
+}  // namespace cl_fast::cuda
