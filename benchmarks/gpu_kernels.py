@@ -5,6 +5,11 @@ For every (op, 2N, D, dtype) cell and every implementation that runs here:
     (`_dispatch.module(backend).ntxent_fwd` / `ntxent_bwd`, `cross_fwd` / `cross_bwd`, PLAN.md's
     signatures, scale a 0-d device tensor) timed separately, plus the public op
     `cl_fast.<op>(..., backend=)` forward + backward;
+  - `<backend>:block` (impl `block`, where the backend has them): the InfoNCE block pieces of the
+    distributed losses (`block_fwd` / `block_bwd`) on one slice, as a single process runs them:
+    nt_xent rows = cols = [n(z1); n(z2)] (diag 0, pairs), clip both directions n(q) x n(k) (diag 0);
+    timed with the fused design's counts below (the block backward recomputes S twice, for the row
+    and the column kernel);
   - `eager` (the PyTorch reference, `backend="torch"`), `compile` (torch.compile of the reference) and
     `inf-cl` (`inf_cl.cal_inf_loss`, where it imports; info_nce / clip only): forward alone, forward +
     backward, backward = the difference.
@@ -109,6 +114,32 @@ def fused_launchers(op, backend, a, b, scale):
             (lambda: module.cross_bwd(grad, grad, a, b, s, row_lse, col_lse, True, True)))
 
 
+def block_launchers(op, backend, a, b, scale):
+    """(forward(), backward()) closures over the backend's InfoNCE block pieces on one slice (diag 0):
+    nt_xent: rows = cols = [n(a); n(b)], pairs; clip: n(a) against n(b) and n(b) against n(a)."""
+    module = _dispatch.module(backend, "infonce")
+    s = torch.tensor(scale, dtype=torch.float32, device=a.device)
+    normalize = torch.nn.functional.normalize
+    if op == "nt_xent":
+        u = normalize(torch.cat([a, b]), dim=1)
+        pieces = [(u, u, True)]
+    else:
+        qn, kn = normalize(a, dim=1), normalize(b, dim=1)
+        pieces = [(qn, kn, False), (kn, qn, False)]
+    lses = [module.block_fwd(rows, cols, s, 0, pairs) for rows, cols, pairs in pieces]
+    grad = torch.full((pieces[0][0].shape[0],), 1.0 / pieces[0][0].shape[0], device=a.device)
+
+    def forward():
+        for rows, cols, pairs in pieces:
+            module.block_fwd(rows, cols, s, 0, pairs)
+
+    def backward():
+        for (rows, cols, pairs), lse in zip(pieces, lses):
+            module.block_bwd(grad, rows, cols, s, lse, 0, pairs)
+
+    return forward, backward
+
+
 def public_call(op, backend, temperature):
     if op == "nt_xent":
         return lambda a, b: cl_fast.nt_xent(a, b, temperature, backend=backend)
@@ -165,7 +196,7 @@ def main(argv=None):
     p.add_argument("--sizes", default="4096,16384,65536")
     p.add_argument("--dims", default="128,512")
     p.add_argument("--dtypes", default="bf16,fp32")
-    p.add_argument("--impls", default="fused,eager,compile,inf-cl")
+    p.add_argument("--impls", default="fused,block,eager,compile,inf-cl")
     p.add_argument("--temperature", type=float, default=0.1)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
@@ -177,7 +208,9 @@ def main(argv=None):
     device = torch.device(args.device)
     timer = Timer(device, args.repeats, args.warmup)
     impls = args.impls.split(",")
-    fused = [b for b in cl_fast.backends("infonce", device) if b in ("triton", "cuda")] if "fused" in impls else []
+    fused_here = [b for b in cl_fast.backends("infonce", device) if b in ("triton", "cuda")]
+    fused = fused_here if "fused" in impls else []
+    block = [b for b in fused_here if hasattr(_dispatch.module(b, "infonce"), "block_fwd")] if "block" in impls else []
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"# InfoNCE kernels on {name}; torch {torch.__version__}; fused backends here: {fused or 'none'}; "
           f"T = {args.temperature}; CL_FAST_AUTOTUNE={os.environ.get('CL_FAST_AUTOTUNE', '1')}")
@@ -195,6 +228,7 @@ def main(argv=None):
                     f_fwd, f_bwd = flops(op, rows, dim, fixed)
                     cells = [(f"{be}:kernels", "launch", be) for be in fused]
                     cells += [(f"{be}:op", "public", be) for be in fused]
+                    cells += [(f"{be}:block", "block", be) for be in block]
                     if "eager" in impls:
                         cells.append(("eager", "eager", None))
                     if "compile" in impls:
@@ -207,8 +241,9 @@ def main(argv=None):
                             print(f"{head} {'':>9} {'':>6} {'':>9} {'':>6} {'':>9}  not run: time budget spent")
                             continue
                         try:
-                            if kind == "launch":
-                                fwd, bwd = fused_launchers(op, backend, a, b, 1.0 / args.temperature)
+                            if kind in ("launch", "block"):
+                                launchers = fused_launchers if kind == "launch" else block_launchers
+                                fwd, bwd = launchers(op, backend, a, b, 1.0 / args.temperature)
                                 t_fwd, peak_f = timer(fwd)
                                 t_bwd, peak_b = timer(bwd)
                                 peak = None if peak_f is None else max(peak_f, peak_b)

@@ -289,6 +289,106 @@ def test_siglip_ops(gen, n, d, dtype):
         assert rel_err(fused, ref) < RTOL[dtype]
 
 
+# InfoNCE block pieces (rows against one column slice; the distributed losses): (m, c, d, diag),
+# ragged against the 64-row / 64-column tiles, the 128-byte D chunks and the 128-feature slices.
+# diag: 0 (one slice), a ring slice's offset (exclusions inside the slice, or partly before it),
+# offsets past the slice (nothing excluded); (2, 2, 5, 0) with pairs leaves both rows empty.
+BLOCK_CASES = [(2, 2, 5, 0), (2, 3, 5, 0), (38, 130, 77, 0), (64, 200, 128, 64), (130, 64, 300, -40),
+               (70, 150, 40, 150)]
+
+
+def _block_inputs(gen, m, c, d, dtype, norm=3.0):
+    """rows (m, d), cols (c, d) of `dtype` with row norms ~ norm (features as given, not unit), and
+    their float64 copies."""
+    rows = (torch.randn(m, d, generator=gen, dtype=torch.float64) * (norm / d ** 0.5)).to(dtype)
+    cols = (torch.randn(c, d, generator=gen, dtype=torch.float64) * (norm / d ** 0.5)).to(dtype)
+    return rows.to(DEV), cols.to(DEV), rows.double(), cols.double()
+
+
+def _merged_lse(gen, lse):
+    """A merged lse over this slice and others, log(e^lse + e^other) >= lse (finite), with one row
+    at -inf (no column anywhere: its terms must vanish)."""
+    other = torch.randn(lse.shape, generator=gen, dtype=torch.float64) * 2 + 3
+    merged = torch.logaddexp(lse, other).float()
+    if merged.numel():
+        merged[merged.numel() // 2] = float("-inf")
+    return merged
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m,c,d,diag", BLOCK_CASES)
+@pytest.mark.parametrize("pairs", [False, True])
+def test_infonce_block_pieces(gen, m, c, d, diag, pairs, dtype):
+    """infonce_block_fwd / infonce_block_bwd (the raw ops) against the float64 reference: lse (with
+    -inf exactly where a row keeps no column), drows, dcols, dscale."""
+    rows, cols, rr, rc = _block_inputs(gen, m, c, d, dtype)
+    scale_value = 3.0
+    scale = torch.tensor(scale_value, device=DEV)
+    ops = torch.ops.cl_fast_C
+    lse = ops.infonce_block_fwd(rows, cols, scale, diag, pairs)
+    expected = reference.infonce_block_lse(rr, rc, scale_value, diag, pairs)
+    assert lse.dtype == torch.float32 and lse.shape == (m,)
+    finite = torch.isfinite(expected)
+    assert torch.equal(torch.isfinite(lse).cpu(), finite)
+    assert (lse.cpu()[~finite] == float("-inf")).all()
+    if finite.any():
+        assert rel_err(lse.cpu()[finite], expected[finite]) < RTOL[dtype]
+
+    merged = _merged_lse(gen, expected)
+    grad = (torch.rand(m, generator=gen, dtype=torch.float64) + 0.5).float()
+    drows, dcols, dscale = ops.infonce_block_bwd(grad.to(DEV), rows, cols, scale, merged.to(DEV), diag, pairs)
+    e_rows, e_cols, e_scale = reference.infonce_block_grad(grad.double(), rr, rc, scale_value, merged.double(), diag,
+                                                           pairs)
+    for got, want in [(drows, e_rows), (dcols, e_cols), (dscale, e_scale)]:
+        assert got.dtype == torch.float32 and got.shape == want.shape
+        assert torch.isfinite(got).all()
+        assert rel_err(got, want) < RTOL[dtype]
+    if m:
+        assert (drows[m // 2] == 0).all()  # the row with lse = -inf
+
+
+@pytest.mark.parametrize("m,c", [(0, 5), (4, 0)])
+def test_infonce_block_pieces_empty(gen, m, c):
+    """No rows: empty lse and drows, zero dcols and dscale. No columns: lse = -inf, zero gradients."""
+    rows, cols, _, _ = _block_inputs(gen, m, c, 7, torch.float32)
+    scale = torch.tensor(2.0, device=DEV)
+    ops = torch.ops.cl_fast_C
+    lse = ops.infonce_block_fwd(rows, cols, scale, 0, True)
+    assert lse.shape == (m,) and (lse == float("-inf")).all()
+    drows, dcols, dscale = ops.infonce_block_bwd(torch.rand(m, device=DEV), rows, cols, scale,
+                                                 torch.zeros(m, device=DEV), 0, True)
+    assert drows.shape == (m, 7) and dcols.shape == (c, 7)
+    assert (drows == 0).all() and (dcols == 0).all() and float(dscale) == 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("pairs", [False, True])
+def test_infonce_block_large_logits_and_repeats(gen, dtype, pairs):
+    """Features far from unit norm (|S| up to ~1000: only a running row max keeps exp in range),
+    against float64; then repeated calls are bit-identical (no atomics). An S error of delta moves P
+    by a relative delta, and fp32 S of magnitude ~1000 carries delta ~ 1e-4 from its rounding alone:
+    fp32 gets 1e-3 here."""
+    m, c, d = 96, 200, 64
+    rows, cols, rr, rc = _block_inputs(gen, m, c, d, dtype, norm=30.0)
+    scale_value = 1.0
+    scale = torch.tensor(scale_value, device=DEV)
+    tol = 1e-3 if dtype == torch.float32 else RTOL[dtype]
+    ops = torch.ops.cl_fast_C
+    lse = ops.infonce_block_fwd(rows, cols, scale, 5, pairs)
+    expected = reference.infonce_block_lse(rr, rc, scale_value, 5, pairs)
+    assert expected.abs().max() > 200
+    assert rel_err(lse, expected) < RTOL[dtype]
+    grad = torch.rand(m, generator=gen)
+    merged = lse.detach().cpu()  # one slice: the merged lse is this slice's
+    outs = [ops.infonce_block_bwd(grad.to(DEV), rows, cols, scale, merged.to(DEV), 5, pairs) for _ in range(2)]
+    want = reference.infonce_block_grad(grad.double(), rr, rc, scale_value, merged.double(), 5, pairs)
+    for got, w in zip(outs[0], want):
+        assert rel_err(got, w) < tol
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+    assert torch.equal(lse, ops.infonce_block_fwd(rows, cols, scale, 5, pairs))
+
+
 def test_cuda_graph_capture_forward_backward(gen):
     (z1, _), (z2, _) = _inputs(gen, (256, 128), (256, 128), dtype=torch.bfloat16)
     temperature = torch.tensor(0.1, device=DEV, requires_grad=True)
@@ -342,6 +442,9 @@ def _opcheck_cases(gen):
         (ops.sinkhorn_assign, (scores, 20.0, torch.zeros(30, device=DEV))),
         (ops.siglip_fwd, (z1, z2, scale, torch.tensor(-5.0, device=DEV))),
         (ops.siglip_bwd, (torch.rand(37, device=DEV), z1, z2, scale, torch.tensor(-5.0, device=DEV))),
+        (ops.infonce_block_fwd, (z1, queue, scale, 3, False)),
+        (ops.infonce_block_bwd, (torch.rand(37, device=DEV), z1, queue, scale, torch.full((37,), 5.0, device=DEV), 3,
+                                 False)),
     ]
 
 
@@ -396,6 +499,9 @@ SANITIZER_SCRIPT = textwrap.dedent("""
         s, b = torch.tensor(10.0, device=dev), torch.tensor(-10.0, device=dev)
         torch.ops.cl_fast_C.siglip_fwd(z1.detach(), z2.detach(), s, b)
         torch.ops.cl_fast_C.siglip_bwd(torch.rand(37, device=dev), z1.detach(), z2.detach(), s, b)
+        u = torch.cat([z1.detach(), z2.detach()])
+        block_lse = torch.ops.cl_fast_C.infonce_block_fwd(u, queue, s, -7, True)
+        torch.ops.cl_fast_C.infonce_block_bwd(torch.rand(74, device=dev), u, queue, s, block_lse, -7, True)
     torch.cuda.synchronize()
     print("ok")
 """)
