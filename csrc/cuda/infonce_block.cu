@@ -30,6 +30,14 @@ void fill_block_problem(InfonceBlockProblem& p, const at::Tensor& rows, const at
   p.scale = scale_ptr(scale);
 }
 
+// Streaming multiprocessors of the current device (a host query, no stream work, no sync).
+int sm_count() {
+  int device = 0, count = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return 0;
+  if (cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) return 0;
+  return count;  // 0: no column splits
+}
+
 at::Tensor infonce_block_fwd_cuda(const at::Tensor& rows_in, const at::Tensor& cols_in, const at::Tensor& scale,
                                   int64_t diag, bool pairs) {
   cl_fast::check_infonce_block_fwd(rows_in, cols_in, scale, diag, pairs);
@@ -39,6 +47,9 @@ at::Tensor infonce_block_fwd_cuda(const at::Tensor& rows_in, const at::Tensor& c
   at::Tensor lse = at::empty({rows.size(0)}, block_fp32(rows));
   InfonceBlockFwdParams p;
   fill_block_problem(p, rows, cols, scale, diag, pairs);
+  p.splits = infonce_block_fwd_splits(p.m, p.c, sm_count());
+  at::Tensor workspace = at::empty({infonce_block_fwd_workspace(p.m, p.splits)}, block_fp32(rows));
+  p.workspace = p.splits > 1 ? workspace.data_ptr<float>() : nullptr;
   p.lse = lse.data_ptr<float>();
   check_launch(infonce_block_forward(p, current_stream()), "infonce_block_fwd");
   return lse;
@@ -58,9 +69,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_block_bwd_cuda(const at::
   // every element of drows, dcols and dscale is written by the kernels
   at::Tensor drows = at::empty(rows.sizes(), block_fp32(rows)), dcols = at::empty(cols.sizes(), block_fp32(rows));
   at::Tensor dscale = at::empty({}, block_fp32(rows));
-  at::Tensor partials = at::empty({infonce_block_dscale_partials(rows.size(0))}, block_fp32(rows));
   InfonceBlockBwdParams p;
   fill_block_problem(p, rows, cols, scale, diag, pairs);
+  p.splits = infonce_block_bwd_splits(p.m, p.c, p.dim, sm_count());
+  at::Tensor workspace = at::empty({infonce_block_bwd_workspace(p.m, p.dim, p.splits)}, block_fp32(rows));
+  at::Tensor partials = at::empty({infonce_block_dscale_partials(p.m, p.splits)}, block_fp32(rows));
+  p.workspace = p.splits > 1 ? workspace.data_ptr<float>() : nullptr;
   p.grad = grad.data_ptr<float>();
   p.lse = lse.data_ptr<float>();
   p.drows = drows.data_ptr<float>();

@@ -13,12 +13,17 @@
 // over the quad at the end: lse_i = log sum exp(S_ij) over the kept columns, -inf when none is kept
 // (NaN propagates: fmaxf skips it, the sum does not). The exclusion mask (and the tail mask) is
 // applied only on tiles holding an excluded or a missing column of one of the warp's rows.
+// Few row blocks (the local rows of a distributed loss against many gathered columns): the columns
+// are split over blockIdx.y (p.splits ranges of whole tiles), each CTA writes its rows' (max, sum)
+// to the workspace and a merge kernel adds the splits in a fixed order.
 //
 // Backward, no atomics, two kernels that each recompute S:
 //   rows (drows): CTA = 64 rows x one slice of 128 output features (blockIdx.y), column tiles
 //     streamed: W_ij = g_i exp(S_ij - lse_i) (0 where excluded), drows_slab += W @ cols[:, slice];
 //     slice-0 CTAs also sum W_ij (rows_i . cols_j) into one dscale partial per row block, and a
-//     one-block kernel adds the partials in a fixed order (dscale_finalize_kernel).
+//     one-block kernel adds the partials in a fixed order (dscale_finalize_kernel). With column
+//     splits (blockIdx.z) each split writes a partial drows to the workspace, summed in split
+//     order by a reduce kernel.
 //   columns (dcols): CTA = 64 columns x one slice, row tiles streamed: the S^T tile
 //     cols_slab . rows_tile^T, W^T_ji = g_i exp(S_ij - lse_i) with the tile's (g_i, lse_i) in shared
 //     memory, dcols_slab += W^T @ rows[:, slice].
@@ -53,7 +58,7 @@ struct BlockTraits {
   static constexpr int kWarps = 4;
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kRows = kInfonceBlockItems;  // stationary items per CTA (rows or columns)
-  static constexpr int kCols = 64;                  // streamed items per tile
+  static constexpr int kCols = kInfonceBlockTile;   // streamed items per tile
   static constexpr int kPerSeg = 16 / sizeof(Element);  // elements per 16-byte copy
   static constexpr int kChunk = 128 / sizeof(Element);  // features per D chunk (128 bytes)
   static constexpr int kChunkStride = kChunk + kPerSeg;  // +16 bytes: conflict-free fragment loads
@@ -181,6 +186,8 @@ __global__ void __launch_bounds__(Traits::kThreads) infonce_block_fwd_kernel(
   const float s2 = *p.scale * kLog2e;  // S log2(e) = dot * s2
   const bool vector = vector_copies(p, Traits::kPerSeg);
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * Traits::kRows;
+  const int64_t j_begin = static_cast<int64_t>(blockIdx.y) * p.split_cols;  // this split's columns
+  const int64_t j_end = j_begin + p.split_cols < p.c ? j_begin + p.split_cols : p.c;
 
   // lane (g, t) holds rows 16 warp + g + 8q (q = 0, 1), columns 8 nt + 2t + e of every tile;
   // (m, l): running max of S log2(e) and sum of 2^(S log2(e) - m) over those columns
@@ -193,7 +200,7 @@ __global__ void __launch_bounds__(Traits::kThreads) infonce_block_fwd_kernel(
     l[q] = 0.f;
   }
 
-  for (int64_t j0 = 0; j0 < p.c; j0 += Traits::kCols) {
+  for (int64_t j0 = j_begin; j0 < j_end; j0 += Traits::kCols) {
     float acc[Traits::kColTiles8][4];
     block_score_tile<Traits>(acc, sm, rows, r0, p.m, cols, j0, p.c, p.dim, vector, warp, lane);
     const bool mask = tile_needs_mask(j0, Traits::kCols, p.c, ex_first, ex_second);
@@ -237,8 +244,31 @@ __global__ void __launch_bounds__(Traits::kThreads) infonce_block_fwd_kernel(
     const float shift = m_row == -INFINITY ? 0.f : m_row;
     const float l_row = quad_sum(l[q] * exp2_approx(m[q] - shift));
     const int64_t i = r0 + 16 * warp + g + 8 * q;
-    if (t == 0 && i < p.m) p.lse[i] = (shift + log2f(l_row)) * kLn2;  // l_row = 0: -inf
+    if (t == 0 && i < p.m) {
+      if (p.splits == 1) {
+        p.lse[i] = (shift + log2f(l_row)) * kLn2;  // l_row = 0: -inf
+      } else {  // this split's (max, sum) of the row, base 2
+        p.workspace[blockIdx.y * p.m + i] = m_row;
+        p.workspace[(p.splits + blockIdx.y) * p.m + i] = l_row;
+      }
+    }
   }
+}
+
+// lse_i from the splits' (max, sum) pairs of row i, in split order. One thread per row.
+__global__ void __launch_bounds__(256) infonce_block_lse_merge_kernel(const __grid_constant__ InfonceBlockFwdParams p) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * 256 + threadIdx.x;
+  if (i >= p.m) return;
+  const float* max_part = p.workspace;
+  const float* sum_part = p.workspace + p.splits * p.m;
+  float m_row = -INFINITY;
+  for (int split = 0; split < p.splits; ++split) m_row = fmaxf(m_row, max_part[split * p.m + i]);
+  const float shift = m_row == -INFINITY ? 0.f : m_row;
+  float l_row = 0.f;
+  for (int split = 0; split < p.splits; ++split) {
+    l_row += sum_part[split * p.m + i] * exp2_approx(max_part[split * p.m + i] - shift);
+  }
+  p.lse[i] = (shift + log2f(l_row)) * kLn2;
 }
 
 // kColumns false: drows (and the dscale partials); true: dcols. See the top of the file.
@@ -257,6 +287,9 @@ __global__ void __launch_bounds__(Traits::kThreads) infonce_block_bwd_kernel(
   const bool vector = vector_copies(p, Traits::kPerSeg);
   const int64_t x0 = static_cast<int64_t>(blockIdx.x) * Traits::kRows;
   const int d_slice = blockIdx.y * Traits::kSlice;
+  // the streamed range: all rows (columns kernel), or this split's columns (rows kernel)
+  const int64_t y_begin = kColumns ? 0 : static_cast<int64_t>(blockIdx.z) * p.split_cols;
+  const int64_t y_end = kColumns ? other_count : (y_begin + p.split_cols < p.c ? y_begin + p.split_cols : p.c);
 
   // (g_i, lse_i log2(e)) of row i; g = 0 and +inf for rows past m or with a non-finite lse
   const auto row_stats = [&](int64_t i, float& gi, float& lse2) {
@@ -279,7 +312,7 @@ __global__ void __launch_bounds__(Traits::kThreads) infonce_block_bwd_kernel(
   for (int dn = 0; dn < Traits::kSliceTiles8; ++dn) du[dn][0] = du[dn][1] = du[dn][2] = du[dn][3] = 0.f;
   float dscale_sum = 0.f;
 
-  for (int64_t y0 = 0; y0 < other_count; y0 += Traits::kCols) {
+  for (int64_t y0 = y_begin; y0 < y_end; y0 += Traits::kCols) {
     // the streamed tile's row statistics and feature slice (visible after block_score_tile's barriers)
     if constexpr (kColumns) {
       for (int i = threadIdx.x; i < Traits::kCols; i += Traits::kThreads) {
@@ -324,8 +357,10 @@ __global__ void __launch_bounds__(Traits::kThreads) infonce_block_bwd_kernel(
     __syncthreads();  // v_slice and the tile statistics are rewritten by the next tile
   }
 
-  // out[x, d_slice + ...] = s du, fp32 (pairs of features as one 8-byte store when dim is even)
-  float* out_base = kColumns ? p.dcols : p.drows;
+  // out[x, d_slice + ...] = s du, fp32 (pairs of features as one 8-byte store when dim is even);
+  // rows kernel with splits: this split's partial drows in the workspace
+  float* out_base = kColumns ? p.dcols
+                             : (p.splits == 1 ? p.drows : p.workspace + static_cast<int64_t>(blockIdx.z) * p.m * p.dim);
   const bool paired = p.dim % 2 == 0;
 #pragma unroll
   for (int q = 0; q < 2; ++q) {
@@ -345,7 +380,7 @@ __global__ void __launch_bounds__(Traits::kThreads) infonce_block_bwd_kernel(
     }
   }
 
-  // the row block's dscale partial (slice 0 only), summed in a fixed order
+  // the row block's (and split's) dscale partial (slice 0 only), summed in a fixed order
   if constexpr (!kColumns) {
     if (blockIdx.y == 0) {
       dscale_sum = warp_sum(dscale_sum);
@@ -354,10 +389,33 @@ __global__ void __launch_bounds__(Traits::kThreads) infonce_block_bwd_kernel(
       if (threadIdx.x == 0) {
         float total = 0.f;
         for (int w = 0; w < Traits::kWarps; ++w) total += sm.warp_part()[w];
-        p.dscale_partials[blockIdx.x] = total;
+        p.dscale_partials[static_cast<int64_t>(blockIdx.z) * gridDim.x + blockIdx.x] = total;
       }
     }
   }
+}
+
+// out[k] = sum over the splits of parts[split][k], in split order (the rows kernel's partial drows).
+__global__ void __launch_bounds__(256) infonce_block_split_sum_kernel(const float* parts, int64_t count, int splits,
+                                                                      float* out) {
+  for (int64_t k = static_cast<int64_t>(blockIdx.x) * 256 + threadIdx.x; k < count;
+       k += static_cast<int64_t>(gridDim.x) * 256) {
+    float total = 0.f;
+    for (int split = 0; split < splits; ++split) total += parts[split * count + k];
+    out[k] = total;
+  }
+}
+
+unsigned grid_for(int64_t count) {
+  const int64_t blocks = (count + 255) / 256;
+  return static_cast<unsigned>(blocks < 65535 ? blocks : 65535);
+}
+
+// Columns per split: whole tiles, every split non-empty (infonce_block_splits).
+int64_t split_columns(int64_t c, int splits) {
+  const int64_t tiles = (c + kInfonceBlockTile - 1) / kInfonceBlockTile;
+  const int64_t per = splits > 1 ? (tiles + splits - 1) / splits : (tiles > 0 ? tiles : 1);
+  return per * kInfonceBlockTile;
 }
 
 template <typename Element>
@@ -368,8 +426,11 @@ cudaError_t forward_impl(const InfonceBlockFwdParams& p, cudaStream_t stream) {
   static std::atomic<unsigned long long> smem_set{0};
   cudaError_t status = allow_smem(kernel, smem, smem_set);
   if (status != cudaSuccess) return status;
-  const dim3 grid(static_cast<unsigned>((p.m + Traits::kRows - 1) / Traits::kRows));
+  const dim3 grid(static_cast<unsigned>((p.m + Traits::kRows - 1) / Traits::kRows), static_cast<unsigned>(p.splits));
   kernel<<<grid, Traits::kThreads, smem, stream>>>(p);
+  status = cudaGetLastError();
+  if (status != cudaSuccess || p.splits == 1) return status;
+  infonce_block_lse_merge_kernel<<<static_cast<unsigned>((p.m + 255) / 256), 256, 0, stream>>>(p);
   return cudaGetLastError();
 }
 
@@ -384,7 +445,8 @@ cudaError_t backward_kernel(const InfonceBlockBwdParams& p, int64_t items, cudaS
   cudaError_t status = allow_smem(kernel, smem, smem_set);
   if (status != cudaSuccess) return status;
   const dim3 grid(static_cast<unsigned>((items + Traits::kRows - 1) / Traits::kRows),
-                  static_cast<unsigned>((p.dim + Traits::kSlice - 1) / Traits::kSlice));
+                  static_cast<unsigned>((p.dim + Traits::kSlice - 1) / Traits::kSlice),
+                  static_cast<unsigned>(kColumns ? 1 : p.splits));
   kernel<<<grid, Traits::kThreads, smem, stream>>>(p);
   return cudaGetLastError();
 }
@@ -393,18 +455,27 @@ template <typename Element>
 cudaError_t backward_impl(const InfonceBlockBwdParams& p, cudaStream_t stream) {
   cudaError_t status = backward_kernel<Element, false>(p, p.m, stream);
   if (status != cudaSuccess) return status;
+  if (p.splits > 1 && p.m > 0) {
+    const int64_t count = p.m * p.dim;
+    infonce_block_split_sum_kernel<<<grid_for(count), 256, 0, stream>>>(p.workspace, count, p.splits, p.drows);
+    status = cudaGetLastError();
+    if (status != cudaSuccess) return status;
+  }
   status = backward_kernel<Element, true>(p, p.c, stream);
   if (status != cudaSuccess) return status;
   // m = 0: no partials, dscale = 0
-  dscale_finalize_kernel<<<1, 256, 0, stream>>>(p.dscale_partials, infonce_block_dscale_partials(p.m), p.scale,
-                                                /*halve_by_scale=*/false, p.dscale);
+  dscale_finalize_kernel<<<1, 256, 0, stream>>>(p.dscale_partials, infonce_block_dscale_partials(p.m, p.splits),
+                                                p.scale, /*halve_by_scale=*/false, p.dscale);
   return cudaGetLastError();
 }
 
 }  // namespace
 
-cudaError_t infonce_block_forward(const InfonceBlockFwdParams& p, cudaStream_t stream) {
-  if (p.m <= 0 || p.dim <= 0) return cudaSuccess;
+cudaError_t infonce_block_forward(const InfonceBlockFwdParams& params, cudaStream_t stream) {
+  if (params.m <= 0 || params.dim <= 0) return cudaSuccess;
+  if (params.splits < 1 || (params.splits > 1 && params.workspace == nullptr)) return cudaErrorInvalidValue;
+  InfonceBlockFwdParams p = params;
+  p.split_cols = split_columns(p.c, p.splits);
   switch (p.dtype) {
     case Dtype::kFloat32: return forward_impl<float>(p, stream);
     case Dtype::kFloat16: return forward_impl<__half>(p, stream);
@@ -413,8 +484,11 @@ cudaError_t infonce_block_forward(const InfonceBlockFwdParams& p, cudaStream_t s
   return cudaErrorInvalidValue;
 }
 
-cudaError_t infonce_block_backward(const InfonceBlockBwdParams& p, cudaStream_t stream) {
-  if (p.dim <= 0) return cudaErrorInvalidValue;  // the op's checks require D >= 1
+cudaError_t infonce_block_backward(const InfonceBlockBwdParams& params, cudaStream_t stream) {
+  if (params.dim <= 0) return cudaErrorInvalidValue;  // the op's checks require D >= 1
+  if (params.splits < 1 || (params.splits > 1 && params.workspace == nullptr)) return cudaErrorInvalidValue;
+  InfonceBlockBwdParams p = params;
+  p.split_cols = split_columns(p.c, p.splits);
   switch (p.dtype) {
     case Dtype::kFloat32: return backward_impl<float>(p, stream);
     case Dtype::kFloat16: return backward_impl<__half>(p, stream);

@@ -26,6 +26,12 @@ struct InfonceBlockProblem {
   int64_t diag = 0;
   bool pairs = false;            // m even
   const float* scale = nullptr;  // 0-d fp32 on the device
+  // Column splits: `splits` CTAs share one row block's columns (forward, drows), each writing a
+  // partial to `workspace` (infonce_block_{fwd,bwd}_workspace floats), merged in a fixed order.
+  // splits = 1: no workspace. split_cols (columns per split) is set by the launcher.
+  int splits = 1;
+  float* workspace = nullptr;
+  int64_t split_cols = 0;
 };
 
 // lse (m) fp32: lse_i = log sum over the columns row i keeps of exp(S_ij); -inf when none is kept.
@@ -37,7 +43,7 @@ struct InfonceBlockFwdParams : InfonceBlockProblem {
 // slices). dS_ij = grad_i exp(S_ij - lse_i) on the kept columns (0 for rows whose lse is not
 // finite). Writes drows (m, dim) = s dS cols, dcols (c, dim) = s dS^T rows (fp32) and dscale
 // (0-d fp32) = sum_ij dS_ij rows_i . cols_j; dscale_partials is a workspace of
-// infonce_block_dscale_partials(m) floats.
+// infonce_block_dscale_partials(m, splits) floats.
 struct InfonceBlockBwdParams : InfonceBlockProblem {
   const float* grad = nullptr;
   const float* lse = nullptr;
@@ -50,11 +56,42 @@ struct InfonceBlockBwdParams : InfonceBlockProblem {
 // Rows (forward, drows) or columns (dcols) per CTA; output features per CTA of the backward.
 constexpr int kInfonceBlockItems = 64;
 constexpr int kInfonceBlockSlice = 128;
-inline int64_t infonce_block_dscale_partials(int64_t m) {
-  return (m + kInfonceBlockItems - 1) / kInfonceBlockItems;
-}
+constexpr int kInfonceBlockTile = 64;  // streamed items per tile
 // The largest feature dimension the backward's grid holds (blockIdx.y walks slices of 128).
 constexpr int64_t kInfonceBlockMaxDim = int64_t{65535} * kInfonceBlockSlice;
+
+inline int64_t infonce_block_row_blocks(int64_t m) { return (m + kInfonceBlockItems - 1) / kInfonceBlockItems; }
+
+// Column splits for `ctas` CTAs without them: enough for two CTAs per SM, at most one per column
+// tile and max_splits; none left empty.
+inline int infonce_block_splits(int64_t ctas, int64_t c, int64_t max_splits, int sm_count) {
+  const int64_t tiles = (c + kInfonceBlockTile - 1) / kInfonceBlockTile;
+  if (ctas <= 0 || tiles <= 1 || sm_count <= 0) return 1;
+  int64_t splits = (2 * int64_t{sm_count} + ctas - 1) / ctas;
+  splits = splits < tiles ? splits : tiles;
+  splits = splits < max_splits ? splits : max_splits;
+  splits = splits < 65535 ? splits : 65535;
+  if (splits <= 1) return 1;
+  const int64_t per = (tiles + splits - 1) / splits;
+  return static_cast<int>((tiles + per - 1) / per);
+}
+// Forward: CTAs = row blocks; workspace: (max, sum) per split and row.
+inline int infonce_block_fwd_splits(int64_t m, int64_t c, int sm_count) {
+  return infonce_block_splits(infonce_block_row_blocks(m), c, 65535, sm_count);
+}
+inline int64_t infonce_block_fwd_workspace(int64_t m, int splits) { return splits > 1 ? 2 * splits * m : 0; }
+// Backward (drows): CTAs = row blocks x feature slices; workspace: one partial drows (m, dim) per
+// split, at most 64 MB in all.
+inline int infonce_block_bwd_splits(int64_t m, int64_t c, int64_t dim, int sm_count) {
+  const int64_t slices = (dim + kInfonceBlockSlice - 1) / kInfonceBlockSlice;
+  const int64_t per_split = m * dim > 0 ? m * dim : 1;
+  const int64_t max_splits = (int64_t{16} << 20) / per_split;
+  return infonce_block_splits(infonce_block_row_blocks(m) * slices, c, max_splits, sm_count);
+}
+inline int64_t infonce_block_bwd_workspace(int64_t m, int64_t dim, int splits) {
+  return splits > 1 ? splits * m * dim : 0;
+}
+inline int64_t infonce_block_dscale_partials(int64_t m, int splits) { return splits * infonce_block_row_blocks(m); }
 
 // Enqueue on `stream`; return the launch status (cudaSuccess when all launches were accepted).
 cudaError_t infonce_block_forward(const InfonceBlockFwdParams& params, cudaStream_t stream);
