@@ -293,11 +293,12 @@ def test_siglip_ops(gen, n, d, dtype):
 # ragged against the 64-row / 64-column tiles, the 128-byte D chunks and the 128-feature slices.
 # diag: 0 (one slice), a ring slice's offset (exclusions inside the slice, or partly before it),
 # offsets past the slice (nothing excluded); (2, 2, 5, 0) with pairs leaves both rows empty.
-# Few row blocks against several column tiles take the column splits (forward and drows: partials
-# merged in a fixed order); (66, 17000, 40, 3000) gives two tiles per split on a 132-SM GPU, and
-# (130, 64, ...) (one tile) none.
+# Few row blocks against several column tiles take the column splits (forward, drows), few column
+# blocks against several row tiles the row splits (dcols): partials merged in a fixed order.
+# (66, 17000, 40, 3000) gives two column tiles per split on a 132-SM GPU, (17000, 66, 40, -3000)
+# three row tiles per split; (130, 64, ...) has one column tile (no column split).
 BLOCK_CASES = [(2, 2, 5, 0), (2, 3, 5, 0), (38, 130, 77, 0), (64, 200, 128, 64), (130, 64, 300, -40),
-               (70, 150, 40, 150), (66, 17000, 40, 3000)]
+               (70, 150, 40, 150), (66, 17000, 40, 3000), (17000, 66, 40, -3000)]
 
 
 def _block_inputs(gen, m, c, d, dtype, norm=3.0):

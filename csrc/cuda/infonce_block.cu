@@ -71,10 +71,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_block_bwd_cuda(const at::
   at::Tensor dscale = at::empty({}, block_fp32(rows));
   InfonceBlockBwdParams p;
   fill_block_problem(p, rows, cols, scale, diag, pairs);
-  p.splits = infonce_block_bwd_splits(p.m, p.c, p.dim, sm_count());
-  at::Tensor workspace = at::empty({infonce_block_bwd_workspace(p.m, p.dim, p.splits)}, block_fp32(rows));
+  const int sms = sm_count();
+  p.splits = infonce_block_bwd_splits(p.m, p.c, p.dim, sms);
+  p.col_splits = infonce_block_bwd_splits(p.c, p.m, p.dim, sms);
+  at::Tensor workspace =
+      at::empty({infonce_block_bwd_workspace(p.m, p.c, p.dim, p.splits, p.col_splits)}, block_fp32(rows));
   at::Tensor partials = at::empty({infonce_block_dscale_partials(p.m, p.splits)}, block_fp32(rows));
-  p.workspace = p.splits > 1 ? workspace.data_ptr<float>() : nullptr;
+  p.workspace = p.splits > 1 || p.col_splits > 1 ? workspace.data_ptr<float>() : nullptr;
   p.grad = grad.data_ptr<float>();
   p.lse = lse.data_ptr<float>();
   p.drows = drows.data_ptr<float>();

@@ -26,7 +26,8 @@
 //     order by a reduce kernel.
 //   columns (dcols): CTA = 64 columns x one slice, row tiles streamed: the S^T tile
 //     cols_slab . rows_tile^T, W^T_ji = g_i exp(S_ij - lse_i) with the tile's (g_i, lse_i) in shared
-//     memory, dcols_slab += W^T @ rows[:, slice].
+//     memory, dcols_slab += W^T @ rows[:, slice]; with row splits (blockIdx.z, few column blocks:
+//     a ring slice), partial dcols summed in split order likewise.
 // Column j's excluded rows mirror row i's excluded columns: j == i + diag gives i = j - diag, and
 // with pairs j == diag + (i + m/2) mod m gives i = (j - diag + m/2) mod m (the partner of j - diag),
 // both only when 0 <= j - diag < m.
@@ -287,9 +288,11 @@ __global__ void __launch_bounds__(Traits::kThreads) infonce_block_bwd_kernel(
   const bool vector = vector_copies(p, Traits::kPerSeg);
   const int64_t x0 = static_cast<int64_t>(blockIdx.x) * Traits::kRows;
   const int d_slice = blockIdx.y * Traits::kSlice;
-  // the streamed range: all rows (columns kernel), or this split's columns (rows kernel)
-  const int64_t y_begin = kColumns ? 0 : static_cast<int64_t>(blockIdx.z) * p.split_cols;
-  const int64_t y_end = kColumns ? other_count : (y_begin + p.split_cols < p.c ? y_begin + p.split_cols : p.c);
+  // this split's streamed items (columns for the rows kernel, rows for the columns kernel)
+  const int splits = kColumns ? p.col_splits : p.splits;
+  const int64_t per_split = kColumns ? p.split_rows : p.split_cols;
+  const int64_t y_begin = static_cast<int64_t>(blockIdx.z) * per_split;
+  const int64_t y_end = y_begin + per_split < other_count ? y_begin + per_split : other_count;
 
   // (g_i, lse_i log2(e)) of row i; g = 0 and +inf for rows past m or with a non-finite lse
   const auto row_stats = [&](int64_t i, float& gi, float& lse2) {
@@ -358,9 +361,9 @@ __global__ void __launch_bounds__(Traits::kThreads) infonce_block_bwd_kernel(
   }
 
   // out[x, d_slice + ...] = s du, fp32 (pairs of features as one 8-byte store when dim is even);
-  // rows kernel with splits: this split's partial drows in the workspace
-  float* out_base = kColumns ? p.dcols
-                             : (p.splits == 1 ? p.drows : p.workspace + static_cast<int64_t>(blockIdx.z) * p.m * p.dim);
+  // with splits, this split's partial output in the workspace
+  float* out_base = splits == 1 ? (kColumns ? p.dcols : p.drows)
+                                : p.workspace + static_cast<int64_t>(blockIdx.z) * own_count * p.dim;
   const bool paired = p.dim % 2 == 0;
 #pragma unroll
   for (int q = 0; q < 2; ++q) {
@@ -395,7 +398,7 @@ __global__ void __launch_bounds__(Traits::kThreads) infonce_block_bwd_kernel(
   }
 }
 
-// out[k] = sum over the splits of parts[split][k], in split order (the rows kernel's partial drows).
+// out[k] = sum over the splits of parts[split][k], in split order (partial drows or dcols).
 __global__ void __launch_bounds__(256) infonce_block_split_sum_kernel(const float* parts, int64_t count, int splits,
                                                                       float* out) {
   for (int64_t k = static_cast<int64_t>(blockIdx.x) * 256 + threadIdx.x; k < count;
@@ -411,9 +414,9 @@ unsigned grid_for(int64_t count) {
   return static_cast<unsigned>(blocks < 65535 ? blocks : 65535);
 }
 
-// Columns per split: whole tiles, every split non-empty (infonce_block_splits).
-int64_t split_columns(int64_t c, int splits) {
-  const int64_t tiles = (c + kInfonceBlockTile - 1) / kInfonceBlockTile;
+// Streamed items per split: whole tiles, every split non-empty (infonce_block_splits).
+int64_t items_per_split(int64_t streamed, int splits) {
+  const int64_t tiles = (streamed + kInfonceBlockTile - 1) / kInfonceBlockTile;
   const int64_t per = splits > 1 ? (tiles + splits - 1) / splits : (tiles > 0 ? tiles : 1);
   return per * kInfonceBlockTile;
 }
@@ -439,6 +442,7 @@ template <typename Element, bool kColumns>
 cudaError_t backward_kernel(const InfonceBlockBwdParams& p, int64_t items, cudaStream_t stream) {
   using Traits = BlockTraits<Element>;
   if (items <= 0) return cudaSuccess;
+  const int splits = kColumns ? p.col_splits : p.splits;
   const size_t smem = Traits::bwd_smem_bytes();
   auto kernel = infonce_block_bwd_kernel<Traits, kColumns>;
   static std::atomic<unsigned long long> smem_set{0};
@@ -446,8 +450,14 @@ cudaError_t backward_kernel(const InfonceBlockBwdParams& p, int64_t items, cudaS
   if (status != cudaSuccess) return status;
   const dim3 grid(static_cast<unsigned>((items + Traits::kRows - 1) / Traits::kRows),
                   static_cast<unsigned>((p.dim + Traits::kSlice - 1) / Traits::kSlice),
-                  static_cast<unsigned>(kColumns ? 1 : p.splits));
+                  static_cast<unsigned>(splits));
   kernel<<<grid, Traits::kThreads, smem, stream>>>(p);
+  status = cudaGetLastError();
+  if (status != cudaSuccess || splits == 1) return status;
+  // the splits' partial outputs, summed in split order (before the next kernel reuses the workspace)
+  const int64_t count = items * p.dim;
+  infonce_block_split_sum_kernel<<<grid_for(count), 256, 0, stream>>>(p.workspace, count, splits,
+                                                                      kColumns ? p.dcols : p.drows);
   return cudaGetLastError();
 }
 
@@ -455,12 +465,6 @@ template <typename Element>
 cudaError_t backward_impl(const InfonceBlockBwdParams& p, cudaStream_t stream) {
   cudaError_t status = backward_kernel<Element, false>(p, p.m, stream);
   if (status != cudaSuccess) return status;
-  if (p.splits > 1 && p.m > 0) {
-    const int64_t count = p.m * p.dim;
-    infonce_block_split_sum_kernel<<<grid_for(count), 256, 0, stream>>>(p.workspace, count, p.splits, p.drows);
-    status = cudaGetLastError();
-    if (status != cudaSuccess) return status;
-  }
   status = backward_kernel<Element, true>(p, p.c, stream);
   if (status != cudaSuccess) return status;
   // m = 0: no partials, dscale = 0
@@ -475,7 +479,7 @@ cudaError_t infonce_block_forward(const InfonceBlockFwdParams& params, cudaStrea
   if (params.m <= 0 || params.dim <= 0) return cudaSuccess;
   if (params.splits < 1 || (params.splits > 1 && params.workspace == nullptr)) return cudaErrorInvalidValue;
   InfonceBlockFwdParams p = params;
-  p.split_cols = split_columns(p.c, p.splits);
+  p.split_cols = items_per_split(p.c, p.splits);
   switch (p.dtype) {
     case Dtype::kFloat32: return forward_impl<float>(p, stream);
     case Dtype::kFloat16: return forward_impl<__half>(p, stream);
@@ -486,9 +490,13 @@ cudaError_t infonce_block_forward(const InfonceBlockFwdParams& params, cudaStrea
 
 cudaError_t infonce_block_backward(const InfonceBlockBwdParams& params, cudaStream_t stream) {
   if (params.dim <= 0) return cudaErrorInvalidValue;  // the op's checks require D >= 1
-  if (params.splits < 1 || (params.splits > 1 && params.workspace == nullptr)) return cudaErrorInvalidValue;
+  if (params.splits < 1 || params.col_splits < 1 ||
+      ((params.splits > 1 || params.col_splits > 1) && params.workspace == nullptr)) {
+    return cudaErrorInvalidValue;
+  }
   InfonceBlockBwdParams p = params;
-  p.split_cols = split_columns(p.c, p.splits);
+  p.split_cols = items_per_split(p.c, p.splits);
+  p.split_rows = items_per_split(p.m, p.col_splits);
   switch (p.dtype) {
     case Dtype::kFloat32: return backward_impl<float>(p, stream);
     case Dtype::kFloat16: return backward_impl<__half>(p, stream);

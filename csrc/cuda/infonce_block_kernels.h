@@ -26,12 +26,15 @@ struct InfonceBlockProblem {
   int64_t diag = 0;
   bool pairs = false;            // m even
   const float* scale = nullptr;  // 0-d fp32 on the device
-  // Column splits: `splits` CTAs share one row block's columns (forward, drows), each writing a
-  // partial to `workspace` (infonce_block_{fwd,bwd}_workspace floats), merged in a fixed order.
-  // splits = 1: no workspace. split_cols (columns per split) is set by the launcher.
+  // Splits of the streamed items: `splits` CTAs share one row block's columns (forward, drows) and
+  // (backward) `col_splits` CTAs share one column block's rows (dcols), each writing a partial to
+  // `workspace` (infonce_block_{fwd,bwd}_workspace floats), merged in a fixed order. 1: no
+  // workspace. split_cols / split_rows (streamed items per split) are set by the launchers.
   int splits = 1;
+  int col_splits = 1;
   float* workspace = nullptr;
   int64_t split_cols = 0;
+  int64_t split_rows = 0;
 };
 
 // lse (m) fp32: lse_i = log sum over the columns row i keeps of exp(S_ij); -inf when none is kept.
@@ -62,10 +65,10 @@ constexpr int64_t kInfonceBlockMaxDim = int64_t{65535} * kInfonceBlockSlice;
 
 inline int64_t infonce_block_row_blocks(int64_t m) { return (m + kInfonceBlockItems - 1) / kInfonceBlockItems; }
 
-// Column splits for `ctas` CTAs without them: enough for two CTAs per SM, at most one per column
-// tile and max_splits; none left empty.
-inline int infonce_block_splits(int64_t ctas, int64_t c, int64_t max_splits, int sm_count) {
-  const int64_t tiles = (c + kInfonceBlockTile - 1) / kInfonceBlockTile;
+// Splits of `streamed` items for `ctas` CTAs without them: enough for two CTAs per SM, at most one
+// per streamed tile and max_splits; none left empty.
+inline int infonce_block_splits(int64_t ctas, int64_t streamed, int64_t max_splits, int sm_count) {
+  const int64_t tiles = (streamed + kInfonceBlockTile - 1) / kInfonceBlockTile;
   if (ctas <= 0 || tiles <= 1 || sm_count <= 0) return 1;
   int64_t splits = (2 * int64_t{sm_count} + ctas - 1) / ctas;
   splits = splits < tiles ? splits : tiles;
@@ -80,16 +83,19 @@ inline int infonce_block_fwd_splits(int64_t m, int64_t c, int sm_count) {
   return infonce_block_splits(infonce_block_row_blocks(m), c, 65535, sm_count);
 }
 inline int64_t infonce_block_fwd_workspace(int64_t m, int splits) { return splits > 1 ? 2 * splits * m : 0; }
-// Backward (drows): CTAs = row blocks x feature slices; workspace: one partial drows (m, dim) per
-// split, at most 64 MB in all.
-inline int infonce_block_bwd_splits(int64_t m, int64_t c, int64_t dim, int sm_count) {
+// Backward, drows (items = m stationary rows, c streamed columns) or dcols (items = c, streamed =
+// m): CTAs = item blocks x feature slices; workspace: one partial output (items, dim) per split, at
+// most 64 MB. The two kernels run one after the other and share the workspace.
+inline int infonce_block_bwd_splits(int64_t items, int64_t streamed, int64_t dim, int sm_count) {
   const int64_t slices = (dim + kInfonceBlockSlice - 1) / kInfonceBlockSlice;
-  const int64_t per_split = m * dim > 0 ? m * dim : 1;
+  const int64_t per_split = items * dim > 0 ? items * dim : 1;
   const int64_t max_splits = (int64_t{16} << 20) / per_split;
-  return infonce_block_splits(infonce_block_row_blocks(m) * slices, c, max_splits, sm_count);
+  return infonce_block_splits(infonce_block_row_blocks(items) * slices, streamed, max_splits, sm_count);
 }
-inline int64_t infonce_block_bwd_workspace(int64_t m, int64_t dim, int splits) {
-  return splits > 1 ? splits * m * dim : 0;
+inline int64_t infonce_block_bwd_workspace(int64_t m, int64_t c, int64_t dim, int splits, int col_splits) {
+  const int64_t rows_part = splits > 1 ? splits * m * dim : 0;
+  const int64_t cols_part = col_splits > 1 ? col_splits * c * dim : 0;
+  return rows_part > cols_part ? rows_part : cols_part;
 }
 inline int64_t infonce_block_dscale_partials(int64_t m, int splits) { return splits * infonce_block_row_blocks(m); }
 
