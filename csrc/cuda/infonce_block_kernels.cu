@@ -32,7 +32,9 @@
 // with pairs j == diag + (i + m/2) mod m gives i = (j - diag + m/2) mod m (the partner of j - diag),
 // both only when 0 <= j - diag < m.
 // Rows whose lse is not finite (no kept column in any slice, or NaN) have g = 0 and lse = +inf in
-// the kernels: their terms are exactly 0.
+// the kernels: their terms are 0 (for finite S).
+// Split counts come from the host (infonce_block_{fwd,bwd}_splits: about two CTAs per SM, from the
+// SM count), so repeated calls on one device are bit-identical.
 #include "infonce_block_kernels.h"
 #include "infonce_kernels.cuh"
 
