@@ -29,9 +29,9 @@ Kernels (the layout of the fused-attention forward and its split dQ / dK,dV back
    dcols_J = scale sum_I (dS_IJ^T p_I) rows'_I accumulates in registers.
 Each output element is written by exactly one program: no atomics, no host syncs, bit-identical
 repeats. Only the tiles that may hold an excluded (i, j) (`_meets` the excluded index ranges,
-computed once per program) or a ragged column edge take the masked path; the others run unmasked. Rows whose lse
-is not finite (no column in any slice) contribute nothing: their grad is taken as 0 and their lse
-as +inf, so P = 0 without a mask.
+computed once per program) or a ragged column edge take the masked path; the others run
+unmasked. Rows whose lse is not finite (no column in any slice) contribute nothing: their grad is
+taken as 0 and their lse as +inf, so P = 0 without a mask.
 
 The tile helpers (`_dot`: tf32x3 for fp32, the interpreter's bf16 upcast; `_load_rows`,
 `_store_block`) and the launch conventions (scale loaded on the device, MAX_DIM, the autotune
@@ -412,7 +412,8 @@ def _check(rows, cols, scale, pairs):
         raise ValueError(f"feature dimension D={D} exceeds the Triton kernels' MAX_DIM={MAX_DIM}")
     # scale as csrc/ops.cpp's check_scalar: 0-d fp32 on the device; its value only where readable
     if not isinstance(scale, torch.Tensor) or scale.dim() != 0:
-        raise ValueError(f"scale must be a 0-d tensor, got {tuple(getattr(scale, 'shape', ())) or type(scale).__name__}")
+        got = tuple(scale.shape) if isinstance(scale, torch.Tensor) else type(scale).__name__
+        raise ValueError(f"scale must be a 0-d tensor, got {got}")
     if scale.dtype != torch.float32:
         raise TypeError(f"scale must be float32, got {scale.dtype}")
     if scale.device != rows.device:
