@@ -393,6 +393,35 @@ def test_infonce_block_large_logits_and_repeats(gen, dtype, pairs):
     assert torch.equal(lse, ops.infonce_block_fwd(rows, cols, scale, 5, pairs))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)  # fp16 tops out at 65504
+@pytest.mark.parametrize("pairs", [False, True])
+def test_infonce_block_huge_rows(gen, dtype, pairs):
+    """Rows scaled by 2^70 (or 2^35, or 1) against columns scaled by 2^60 (or 1), scale 2^-125: raw
+    dots up to ~2^130 leave fp32's range while S stays O(10); the kernels scale rows with max |x|
+    >= 2^40 by exact powers of two. dscale = sum dS rows.cols is itself past fp32 here: inf."""
+    m, c, d = 70, 150, 40
+    rows, cols, rr, rc = _block_inputs(gen, m, c, d, dtype, norm=1.0)
+    row_exp = torch.tensor([70.0, 35.0, 0.0])[torch.randint(0, 3, (m, 1), generator=gen)]
+    col_exp = torch.tensor([60.0, 0.0])[torch.randint(0, 2, (c, 1), generator=gen)]
+    rr, rc = rr * torch.exp2(row_exp), rc * torch.exp2(col_exp)  # exact in fp32 / bf16
+    rows, cols = rr.to(DEV, dtype), rc.to(DEV, dtype)
+    scale_value = 2.0 ** -125
+    scale = torch.tensor(scale_value, device=DEV)
+    ops = torch.ops.cl_fast_C
+    lse = ops.infonce_block_fwd(rows, cols, scale, 3, pairs)
+    expected = reference.infonce_block_lse(rr, rc, scale_value, 3, pairs)
+    assert torch.isfinite(lse).all()
+    assert rel_err(lse, expected) < RTOL[dtype]
+    grad = torch.rand(m, generator=gen)
+    drows, dcols, dscale = ops.infonce_block_bwd(grad.to(DEV), rows, cols, scale, lse, 3, pairs)
+    e_rows, e_cols, e_scale = reference.infonce_block_grad(grad.double(), rr, rc, scale_value,
+                                                           lse.cpu().double(), 3, pairs)
+    assert rel_err(drows, e_rows) < RTOL[dtype]
+    assert rel_err(dcols, e_cols) < RTOL[dtype]
+    assert e_scale.abs() > torch.finfo(torch.float32).max
+    assert float(dscale) == float("inf") * float(e_scale.sign())
+
+
 def test_cuda_graph_capture_forward_backward(gen):
     (z1, _), (z2, _) = _inputs(gen, (256, 128), (256, 128), dtype=torch.bfloat16)
     temperature = torch.tensor(0.1, device=DEV, requires_grad=True)

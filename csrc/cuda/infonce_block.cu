@@ -30,6 +30,13 @@ void fill_block_problem(InfonceBlockProblem& p, const at::Tensor& rows, const at
   p.scale = scale_ptr(scale);
 }
 
+// The rows' and columns' power-of-two factors (InfonceBlockProblem::down), m + c floats.
+at::Tensor down_workspace(InfonceBlockProblem& p, const at::Tensor& rows) {
+  at::Tensor down = at::empty({p.m + p.c}, block_fp32(rows));
+  p.down = down.data_ptr<float>();
+  return down;
+}
+
 // Streaming multiprocessors of the current device (a host query, no stream work, no sync).
 int sm_count() {
   int device = 0, count = 0;
@@ -47,6 +54,7 @@ at::Tensor infonce_block_fwd_cuda(const at::Tensor& rows_in, const at::Tensor& c
   at::Tensor lse = at::empty({rows.size(0)}, block_fp32(rows));
   InfonceBlockFwdParams p;
   fill_block_problem(p, rows, cols, scale, diag, pairs);
+  const at::Tensor down = down_workspace(p, rows);
   p.splits = infonce_block_fwd_splits(p.m, p.c, sm_count());
   at::Tensor workspace = at::empty({infonce_block_fwd_workspace(p.m, p.splits)}, block_fp32(rows));
   p.workspace = p.splits > 1 ? workspace.data_ptr<float>() : nullptr;
@@ -71,6 +79,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_block_bwd_cuda(const at::
   at::Tensor dscale = at::empty({}, block_fp32(rows));
   InfonceBlockBwdParams p;
   fill_block_problem(p, rows, cols, scale, diag, pairs);
+  const at::Tensor down = down_workspace(p, rows);
   const int sms = sm_count();
   p.splits = infonce_block_bwd_splits(p.m, p.c, p.dim, sms);
   p.col_splits = infonce_block_bwd_splits(p.c, p.m, p.dim, sms);

@@ -2,7 +2,11 @@
 // infonce_block_kernels.h, semantics in cl_fast/reference.py infonce_block_*) and their launchers.
 //
 // S_ij = s rows_i . cols_j on the features as given (no normalisation inside, any finite
-// magnitude): the forward keeps a running row max, never a fixed shift. The tiles are those of the
+// magnitude): the forward keeps a running row max, never a fixed shift. Rows (either side) with
+// max |x| >= 2^40 enter the score tiles multiplied by an exact power of two 2^-(e-1) (a pre-pass
+// writes the factors; tiles holding none skip it), so the tiles' dot products stay in fp32's range
+// and S = dot' (s 2^(e_i-1)) 2^(e_j-1); the W @ V products use the features as given. The
+// backward's dscale is sum W S / s (not sum W dot, which can overflow where S does not). The tiles are those of the
 // InfoNCE kernels (infonce_kernels.cuh: copy_rows, mma_scores_chunk, mma_weights_slice): 4 warps,
 // 64 stationary items per CTA (16 per warp), streamed tiles of 64 items, D in 128-byte chunks
 // double-buffered with cp.async; fp16 / bf16 S tiles are m16n8k16 MMAs, fp32 inputs 3xTF32; the
@@ -74,9 +78,10 @@ struct BlockTraits {
   static_assert(kRows == kWarps * 16, "one 16-row MMA slab per warp");
   static_assert(kRows == kCols, "the stationary and the streamed chunk buffers have one size");
 
-  static constexpr size_t fwd_smem_bytes() { return sizeof(Element) * 4 * kChunkElems; }
+  static constexpr size_t fwd_smem_bytes() { return sizeof(Element) * 4 * kChunkElems + sizeof(float) * (kRows + kCols); }
   static constexpr size_t bwd_smem_bytes() {
-    return sizeof(Element) * (4 * kChunkElems + kCols * kSliceStride) + sizeof(float) * (2 * kCols + kWarps);
+    return sizeof(Element) * (4 * kChunkElems + kCols * kSliceStride) +
+           sizeof(float) * (kRows + 3 * kCols + kWarps);
   }
 };
 
@@ -91,23 +96,27 @@ static_assert(smem_fits<float>() && smem_fits<__half>() && smem_fits<__nv_bfloat
               "InfoNCE block tiles exceed the per-block shared memory of sm_80");
 
 // Shared memory of one CTA: a_chunk[2] (stationary), b_chunk[2] (streamed), v_slice (backward);
-// then, backward only, tile_g, tile_lse2 ([kCols] each, the column kernel's streamed rows) and
-// warp_part[kWarps].
+// then own_down[kRows], tile_down[kCols] (the power-of-two factors of the stationary items and of
+// the streamed tile) and, backward only, tile_g, tile_lse2 ([kCols] each, the column kernel's
+// streamed rows) and warp_part[kWarps].
 template <typename Traits>
 struct BlockSmem {
   using Element = typename Traits::Element;
   Element* elements;
   float* floats;
 
-  __device__ explicit BlockSmem(unsigned char* raw)
+  __device__ BlockSmem(unsigned char* raw, bool backward)
       : elements(reinterpret_cast<Element*>(raw)),
-        floats(reinterpret_cast<float*>(elements + 4 * Traits::kChunkElems + Traits::kCols * Traits::kSliceStride)) {}
+        floats(reinterpret_cast<float*>(elements + 4 * Traits::kChunkElems +
+                                        (backward ? Traits::kCols * Traits::kSliceStride : 0))) {}
   __device__ Element* a_chunk(int buf) const { return elements + buf * Traits::kChunkElems; }        // kRows x kChunkStride
   __device__ Element* b_chunk(int buf) const { return elements + (2 + buf) * Traits::kChunkElems; }  // kCols x kChunkStride
   __device__ Element* v_slice() const { return elements + 4 * Traits::kChunkElems; }               // kCols x kSliceStride
-  __device__ float* tile_g() const { return floats; }
-  __device__ float* tile_lse2() const { return floats + Traits::kCols; }
-  __device__ float* warp_part() const { return floats + 2 * Traits::kCols; }
+  __device__ float* own_down() const { return floats; }
+  __device__ float* tile_down() const { return floats + Traits::kRows; }
+  __device__ float* tile_g() const { return floats + Traits::kRows + Traits::kCols; }
+  __device__ float* tile_lse2() const { return floats + Traits::kRows + 2 * Traits::kCols; }
+  __device__ float* warp_part() const { return floats + Traits::kRows + 3 * Traits::kCols; }
 };
 
 __device__ __forceinline__ bool vector_copies(const InfonceBlockProblem& p, int per_seg) {
@@ -116,15 +125,16 @@ __device__ __forceinline__ bool vector_copies(const InfonceBlockProblem& p, int 
 }
 
 // acc = this warp's 16 stationary items (of the kRows from a0 in `a`) dotted with the kCols
-// streamed items from b0 in `b`: raw fp32 dot products over all dim features; items past a_count /
-// b_count are zeros. D streams in chunks through the double-buffered a_chunk / b_chunk, after any
-// copies the caller committed before (they have landed when it returns). Every thread of the CTA
-// calls it; it ends on a barrier.
+// streamed items from b0 in `b`: fp32 dot products over all dim features; items past a_count /
+// b_count are zeros. With `rescale` (CTA-uniform) the chunks are multiplied by own_down /
+// tile_down first (dot' of the scaled rows). D streams in chunks through the double-buffered
+// a_chunk / b_chunk, after any copies the caller committed before (they have landed when it
+// returns). Every thread of the CTA calls it; it ends on a barrier.
 template <typename Traits>
 __device__ __forceinline__ void block_score_tile(float (&acc)[Traits::kColTiles8][4], const BlockSmem<Traits>& sm,
                                                  const typename Traits::Element* a, int64_t a0, int64_t a_count,
                                                  const typename Traits::Element* b, int64_t b0, int64_t b_count,
-                                                 int dim, bool vector, int warp, int lane) {
+                                                 int dim, bool vector, bool rescale, int warp, int lane) {
   using Element = typename Traits::Element;
 #pragma unroll
   for (int nt = 0; nt < Traits::kColTiles8; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
@@ -143,9 +153,45 @@ __device__ __forceinline__ void block_score_tile(float (&acc)[Traits::kColTiles8
     cp_async_commit();   // (possibly empty) group of chunk kc + 1
     cp_async_wait<1>();  // chunk kc and everything issued before it have landed
     __syncthreads();
+    if (rescale) {  // some row of the CTA or of the tile has max |x| >= 2^40
+      scale_rows<Traits, Traits::kRows, Traits::kChunk>(sm.a_chunk(kc & 1), Traits::kChunkStride, sm.own_down());
+      scale_rows<Traits, Traits::kCols, Traits::kChunk>(sm.b_chunk(kc & 1), Traits::kChunkStride, sm.tile_down());
+      __syncthreads();
+    }
     mma_scores_chunk<Traits>(acc, sm.a_chunk(kc & 1), sm.b_chunk(kc & 1), warp, lane);
     __syncthreads();  // the buffer is refilled by the next iteration's load
   }
+}
+
+// down[r] for the m rows then the c columns (InfonceBlockProblem::down), one warp per row:
+// 2^-(e-1) where 2^e <= max |x| < 2^(e+1) with e >= 40 (the scaled row's max lies in [2, 4)),
+// else 1 (NaN and inf rows too: they stay what they are).
+template <typename Element>
+__global__ void __launch_bounds__(256) infonce_block_down_kernel(const __grid_constant__ InfonceBlockProblem p) {
+  const int lane = threadIdx.x & 31;
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * 8 + threadIdx.x / 32;
+  if (r >= p.m + p.c) return;
+  const Element* x = r < p.m ? static_cast<const Element*>(p.rows) + r * p.dim
+                             : static_cast<const Element*>(p.cols) + (r - p.m) * p.dim;
+  float amax = 0.f;
+  for (int d = lane; d < p.dim; d += 32) amax = fmaxf(amax, fabsf(to_float(x[d])));
+  amax = warp_max(amax);
+  float down = 1.f;
+  if (amax >= 0x1p40f && amax <= 3.402823466e38f) down = __int_as_float((128 - ilogbf(amax)) << 23);  // e <= 127
+  if (lane == 0) p.down[r] = down;
+}
+
+// Loads the factors of `count` items from `first` (1 past `limit`) into dst; true on the threads
+// that found one != 1.
+template <typename Traits>
+__device__ __forceinline__ bool load_down(float* dst, int count, const float* down, int64_t first, int64_t limit) {
+  bool scaled = false;
+  for (int i = threadIdx.x; i < count; i += Traits::kThreads) {
+    const float f = first + i < limit ? down[first + i] : 1.f;
+    dst[i] = f;
+    scaled = scaled || f != 1.f;
+  }
+  return scaled;
 }
 
 // The two streamed indices that stationary item x leaves out (-1: none). Rows (kColumns false):
@@ -182,7 +228,7 @@ __global__ void __launch_bounds__(Traits::kThreads) infonce_block_fwd_kernel(
     const __grid_constant__ InfonceBlockFwdParams p) {
   using Element = typename Traits::Element;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  const BlockSmem<Traits> sm(smem_raw);
+  const BlockSmem<Traits> sm(smem_raw, false);
   const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const Element* rows = static_cast<const Element*>(p.rows);
   const Element* cols = static_cast<const Element*>(p.cols);
@@ -195,17 +241,22 @@ __global__ void __launch_bounds__(Traits::kThreads) infonce_block_fwd_kernel(
   // lane (g, t) holds rows 16 warp + g + 8q (q = 0, 1), columns 8 nt + 2t + e of every tile;
   // (m, l): running max of S log2(e) and sum of 2^(S log2(e) - m) over those columns
   int64_t ex_first[2], ex_second[2];
-  float m[2], l[2];
+  float m[2], l[2], row_mult[2];  // row_mult = 1 / down_i (a power of two >= 1)
 #pragma unroll
   for (int q = 0; q < 2; ++q) {
-    excluded_of<false>(p, r0 + 16 * warp + g + 8 * q, ex_first[q], ex_second[q]);
+    const int64_t i = r0 + 16 * warp + g + 8 * q;
+    excluded_of<false>(p, i, ex_first[q], ex_second[q]);
     m[q] = -INFINITY;
     l[q] = 0.f;
+    row_mult[q] = i < p.m ? 1.f / p.down[i] : 1.f;
   }
+  const bool rows_scaled = load_down<Traits>(sm.own_down(), Traits::kRows, p.down, r0, p.m);
 
   for (int64_t j0 = j_begin; j0 < j_end; j0 += Traits::kCols) {
+    const bool cols_scaled = load_down<Traits>(sm.tile_down(), Traits::kCols, p.down + p.m, j0, p.c);
+    const bool rescale = __syncthreads_or(rows_scaled || cols_scaled) != 0;
     float acc[Traits::kColTiles8][4];
-    block_score_tile<Traits>(acc, sm, rows, r0, p.m, cols, j0, p.c, p.dim, vector, warp, lane);
+    block_score_tile<Traits>(acc, sm, rows, r0, p.m, cols, j0, p.c, p.dim, vector, rescale, warp, lane);
     const bool mask = tile_needs_mask(j0, Traits::kCols, p.c, ex_first, ex_second);
     float tile_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
@@ -214,7 +265,9 @@ __global__ void __launch_bounds__(Traits::kThreads) infonce_block_fwd_kernel(
       for (int q = 0; q < 2; ++q) {
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          float x = acc[nt][2 * q + e] * s2;
+          // (dot' s log2(e)) 2^(e_i-1) [2^(e_j-1)]: a product that overflows only where S does
+          float x = acc[nt][2 * q + e] * s2 * row_mult[q];
+          if (rescale) x /= sm.tile_down()[8 * nt + 2 * t + e];  // exact: a power of two
           if (mask) {
             const int64_t j = j0 + 8 * nt + 2 * t + e;
             if (j >= p.c || j == ex_first[q] || j == ex_second[q]) x = -INFINITY;
@@ -236,6 +289,7 @@ __global__ void __launch_bounds__(Traits::kThreads) infonce_block_fwd_kernel(
       l[q] = sum;
       m[q] = m_new;
     }
+    __syncthreads();  // tile_down is rewritten by the next tile
   }
 
 #pragma unroll
@@ -280,7 +334,7 @@ __global__ void __launch_bounds__(Traits::kThreads) infonce_block_bwd_kernel(
     const __grid_constant__ InfonceBlockBwdParams p) {
   using Element = typename Traits::Element;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  const BlockSmem<Traits> sm(smem_raw);
+  const BlockSmem<Traits> sm(smem_raw, true);
   const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const Element* own = static_cast<const Element*>(kColumns ? p.cols : p.rows);      // stationary
   const Element* other = static_cast<const Element*>(kColumns ? p.rows : p.cols);    // streamed
@@ -304,14 +358,19 @@ __global__ void __launch_bounds__(Traits::kThreads) infonce_block_bwd_kernel(
     lse2 = live ? lse * kLog2e : INFINITY;
   };
 
+  // factors: the stationary items' from down + own_offset, the streamed ones' from down + other_offset
+  const int64_t own_offset = kColumns ? p.m : 0, other_offset = kColumns ? 0 : p.m;
   int64_t ex_first[2], ex_second[2];
   float g_own[2] = {0.f, 0.f}, lse2_own[2] = {INFINITY, INFINITY};  // rows kernel: the lane's two rows
+  float own_mult[2];  // 1 / down of the lane's two stationary items (a power of two >= 1)
 #pragma unroll
   for (int q = 0; q < 2; ++q) {
     const int64_t x = x0 + 16 * warp + g + 8 * q;
     excluded_of<kColumns>(p, x, ex_first[q], ex_second[q]);
     if constexpr (!kColumns) row_stats(x, g_own[q], lse2_own[q]);
+    own_mult[q] = x < own_count ? 1.f / p.down[own_offset + x] : 1.f;
   }
+  const bool own_scaled = load_down<Traits>(sm.own_down(), Traits::kRows, p.down + own_offset, x0, own_count);
   float du[Traits::kSliceTiles8][4];
 #pragma unroll
   for (int dn = 0; dn < Traits::kSliceTiles8; ++dn) du[dn][0] = du[dn][1] = du[dn][2] = du[dn][3] = 0.f;
@@ -330,9 +389,12 @@ __global__ void __launch_bounds__(Traits::kThreads) infonce_block_bwd_kernel(
     copy_rows<Traits, Traits::kCols, Traits::kSlice>(sm.v_slice(), Traits::kSliceStride, v_row, d_slice, p.dim,
                                                      vector, own);
     cp_async_commit();  // lands with chunk 0 of block_score_tile (its waits cover older groups)
+    const bool tile_scaled = load_down<Traits>(sm.tile_down(), Traits::kCols, p.down + other_offset, y0, other_count);
+    const bool rescale = __syncthreads_or(own_scaled || tile_scaled) != 0;
 
     float acc[Traits::kColTiles8][4];
-    block_score_tile<Traits>(acc, sm, own, x0, own_count, other, y0, other_count, p.dim, vector, warp, lane);
+    block_score_tile<Traits>(acc, sm, own, x0, own_count, other, y0, other_count, p.dim, vector, rescale, warp,
+                             lane);
     const bool mask = tile_needs_mask(y0, Traits::kCols, other_count, ex_first, ex_second);
     // W (= dS, the streamed index along n) in place of the dot products
 #pragma unroll
@@ -342,18 +404,19 @@ __global__ void __launch_bounds__(Traits::kThreads) infonce_block_bwd_kernel(
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const int jj = 8 * nt + 2 * t + e;
-          const float dot = acc[nt][2 * q + e];
+          float logit2 = acc[nt][2 * q + e] * s2 * own_mult[q];  // S log2(e) (see the forward)
+          if (rescale) logit2 /= sm.tile_down()[jj];    // exact: a power of two
           float w;
           if constexpr (kColumns) {
-            w = sm.tile_g()[jj] * exp2_approx(fmaf(dot, s2, -sm.tile_lse2()[jj]));
+            w = sm.tile_g()[jj] * exp2_approx(logit2 - sm.tile_lse2()[jj]);
           } else {
-            w = g_own[q] * exp2_approx(fmaf(dot, s2, -lse2_own[q]));
+            w = g_own[q] * exp2_approx(logit2 - lse2_own[q]);
           }
           if (mask) {
             const int64_t y = y0 + jj;
             if (y >= other_count || y == ex_first[q] || y == ex_second[q]) w = 0.f;
           }
-          if constexpr (!kColumns) dscale_sum = fmaf(w, dot, dscale_sum);
+          if constexpr (!kColumns) dscale_sum = fmaf(w, logit2, dscale_sum);  // sum W S log2(e)
           acc[nt][2 * q + e] = w;
         }
       }
@@ -394,7 +457,8 @@ __global__ void __launch_bounds__(Traits::kThreads) infonce_block_bwd_kernel(
       if (threadIdx.x == 0) {
         float total = 0.f;
         for (int w = 0; w < Traits::kWarps; ++w) total += sm.warp_part()[w];
-        p.dscale_partials[static_cast<int64_t>(blockIdx.z) * gridDim.x + blockIdx.x] = total;
+        // 2 sum W S (dscale_finalize_kernel divides by 2 s)
+        p.dscale_partials[static_cast<int64_t>(blockIdx.z) * gridDim.x + blockIdx.x] = total * (2.f * kLn2);
       }
     }
   }
@@ -423,6 +487,15 @@ int64_t items_per_split(int64_t streamed, int splits) {
   return per * kInfonceBlockTile;
 }
 
+// The power-of-two factors of the rows and the columns (InfonceBlockProblem::down).
+template <typename Element>
+cudaError_t launch_down(const InfonceBlockProblem& p, cudaStream_t stream) {
+  const int64_t items = p.m + p.c;
+  if (items <= 0) return cudaSuccess;
+  infonce_block_down_kernel<Element><<<static_cast<unsigned>((items + 7) / 8), 256, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
 template <typename Element>
 cudaError_t forward_impl(const InfonceBlockFwdParams& p, cudaStream_t stream) {
   using Traits = BlockTraits<Element>;
@@ -430,6 +503,8 @@ cudaError_t forward_impl(const InfonceBlockFwdParams& p, cudaStream_t stream) {
   auto kernel = infonce_block_fwd_kernel<Traits>;
   static std::atomic<unsigned long long> smem_set{0};
   cudaError_t status = allow_smem(kernel, smem, smem_set);
+  if (status != cudaSuccess) return status;
+  status = launch_down<Element>(p, stream);
   if (status != cudaSuccess) return status;
   const dim3 grid(static_cast<unsigned>((p.m + Traits::kRows - 1) / Traits::kRows), static_cast<unsigned>(p.splits));
   kernel<<<grid, Traits::kThreads, smem, stream>>>(p);
@@ -465,13 +540,16 @@ cudaError_t backward_kernel(const InfonceBlockBwdParams& p, int64_t items, cudaS
 
 template <typename Element>
 cudaError_t backward_impl(const InfonceBlockBwdParams& p, cudaStream_t stream) {
-  cudaError_t status = backward_kernel<Element, false>(p, p.m, stream);
+  cudaError_t status = launch_down<Element>(p, stream);
+  if (status != cudaSuccess) return status;
+  status = backward_kernel<Element, false>(p, p.m, stream);
   if (status != cudaSuccess) return status;
   status = backward_kernel<Element, true>(p, p.c, stream);
   if (status != cudaSuccess) return status;
   // m = 0: no partials, dscale = 0
+  // dscale = sum W S / s: the partials hold 2 sum W S
   dscale_finalize_kernel<<<1, 256, 0, stream>>>(p.dscale_partials, infonce_block_dscale_partials(p.m, p.splits),
-                                                p.scale, /*halve_by_scale=*/false, p.dscale);
+                                                p.scale, /*halve_by_scale=*/true, p.dscale);
   return cudaGetLastError();
 }
 
@@ -479,7 +557,9 @@ cudaError_t backward_impl(const InfonceBlockBwdParams& p, cudaStream_t stream) {
 
 cudaError_t infonce_block_forward(const InfonceBlockFwdParams& params, cudaStream_t stream) {
   if (params.m <= 0 || params.dim <= 0) return cudaSuccess;
-  if (params.splits < 1 || (params.splits > 1 && params.workspace == nullptr)) return cudaErrorInvalidValue;
+  if (params.splits < 1 || (params.splits > 1 && params.workspace == nullptr) || params.down == nullptr) {
+    return cudaErrorInvalidValue;
+  }
   InfonceBlockFwdParams p = params;
   p.split_cols = items_per_split(p.c, p.splits);
   switch (p.dtype) {
@@ -493,7 +573,7 @@ cudaError_t infonce_block_forward(const InfonceBlockFwdParams& params, cudaStrea
 cudaError_t infonce_block_backward(const InfonceBlockBwdParams& params, cudaStream_t stream) {
   if (params.dim <= 0) return cudaErrorInvalidValue;  // the op's checks require D >= 1
   if (params.splits < 1 || params.col_splits < 1 ||
-      ((params.splits > 1 || params.col_splits > 1) && params.workspace == nullptr)) {
+      ((params.splits > 1 || params.col_splits > 1) && params.workspace == nullptr) || params.down == nullptr) {
     return cudaErrorInvalidValue;
   }
   InfonceBlockBwdParams p = params;

@@ -33,6 +33,11 @@ struct InfonceBlockProblem {
   int splits = 1;
   int col_splits = 1;
   float* workspace = nullptr;
+  // Workspace of m + c floats (rows, then cols): each row's power-of-two factor, 1 unless its max |x|
+  // is >= 2^40 (then 2^-(e-1) with 2^e <= max |x| < 2^(e+1)); the score tiles multiply such rows
+  // by it, so no dot product of the tiles leaves fp32's range (S = s 2^(e_i-1) 2^(e_j-1) dot').
+  // Filled by the launchers (forward and backward).
+  float* down = nullptr;
   int64_t split_cols = 0;
   int64_t split_rows = 0;
 };
