@@ -181,6 +181,9 @@ __global__ void __launch_bounds__(256) infonce_block_down_kernel(const __grid_co
   if (lane == 0) p.down[r] = down;
 }
 
+// 1 / f for a power of two f in [2^-126, 1] (the factors above), exactly, without a division.
+__device__ __forceinline__ float inverse_pow2(float f) { return __int_as_float((254 << 23) - __float_as_int(f)); }
+
 // Loads the factors of `count` items from `first` (1 past `limit`) into dst; true on the threads
 // that found one != 1.
 template <typename Traits>
@@ -224,7 +227,7 @@ __device__ __forceinline__ bool tile_needs_mask(int64_t y0, int n, int64_t count
 }
 
 template <typename Traits>
-__global__ void __launch_bounds__(Traits::kThreads) infonce_block_fwd_kernel(
+__global__ void __launch_bounds__(Traits::kThreads, 1) infonce_block_fwd_kernel(
     const __grid_constant__ InfonceBlockFwdParams p) {
   using Element = typename Traits::Element;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -248,7 +251,7 @@ __global__ void __launch_bounds__(Traits::kThreads) infonce_block_fwd_kernel(
     excluded_of<false>(p, i, ex_first[q], ex_second[q]);
     m[q] = -INFINITY;
     l[q] = 0.f;
-    row_mult[q] = i < p.m ? 1.f / p.down[i] : 1.f;
+    row_mult[q] = i < p.m ? inverse_pow2(p.down[i]) : 1.f;
   }
   const bool rows_scaled = load_down<Traits>(sm.own_down(), Traits::kRows, p.down, r0, p.m);
 
@@ -267,7 +270,7 @@ __global__ void __launch_bounds__(Traits::kThreads) infonce_block_fwd_kernel(
         for (int e = 0; e < 2; ++e) {
           // (dot' s log2(e)) 2^(e_i-1) [2^(e_j-1)]: a product that overflows only where S does
           float x = acc[nt][2 * q + e] * s2 * row_mult[q];
-          if (rescale) x /= sm.tile_down()[8 * nt + 2 * t + e];  // exact: a power of two
+          if (rescale) x *= inverse_pow2(sm.tile_down()[8 * nt + 2 * t + e]);
           if (mask) {
             const int64_t j = j0 + 8 * nt + 2 * t + e;
             if (j >= p.c || j == ex_first[q] || j == ex_second[q]) x = -INFINITY;
@@ -368,7 +371,7 @@ __global__ void __launch_bounds__(Traits::kThreads) infonce_block_bwd_kernel(
     const int64_t x = x0 + 16 * warp + g + 8 * q;
     excluded_of<kColumns>(p, x, ex_first[q], ex_second[q]);
     if constexpr (!kColumns) row_stats(x, g_own[q], lse2_own[q]);
-    own_mult[q] = x < own_count ? 1.f / p.down[own_offset + x] : 1.f;
+    own_mult[q] = x < own_count ? inverse_pow2(p.down[own_offset + x]) : 1.f;
   }
   const bool own_scaled = load_down<Traits>(sm.own_down(), Traits::kRows, p.down + own_offset, x0, own_count);
   float du[Traits::kSliceTiles8][4];
@@ -405,7 +408,7 @@ __global__ void __launch_bounds__(Traits::kThreads) infonce_block_bwd_kernel(
         for (int e = 0; e < 2; ++e) {
           const int jj = 8 * nt + 2 * t + e;
           float logit2 = acc[nt][2 * q + e] * s2 * own_mult[q];  // S log2(e) (see the forward)
-          if (rescale) logit2 /= sm.tile_down()[jj];    // exact: a power of two
+          if (rescale) logit2 *= inverse_pow2(sm.tile_down()[jj]);
           float w;
           if constexpr (kColumns) {
             w = sm.tile_g()[jj] * exp2_approx(logit2 - sm.tile_lse2()[jj]);
