@@ -38,8 +38,8 @@ IMPLS = ("gather", "ring")
 UNEVEN = {2: [2, 5], 3: [3, 5, 4]}
 EVEN = 4
 TOL = 1e-5  # fp32 relative error against the single-process fp32 run and against float64
-MEMORY_N, MEMORY_D = 256, 8
-SHORT_TIMEOUT = 3.0
+MEMORY_N, MEMORY_D = 128, 8
+SHORT_TIMEOUT = 2.0
 STARTED = time.monotonic()  # module import time (in a worker: its start)
 OPENCLIP_MODES = [(True, True), (True, False), (False, True), (False, False)]  # (local_loss, gather_with_grad)
 
@@ -401,6 +401,19 @@ def _float64(loss, a, b, scale_value, row_weights):
     return per_row.detach(), a64.grad, b64.grad, s64.grad
 
 
+def _scale_grad_err(got, expected, loss, a, b, weight_sum):
+    """Error of a logit-scale gradient relative to the size of the terms it sums, not only to
+    itself: dL/ds is a sum of weight_i * (softmax-weighted dots - positive dot), which can cancel
+    far below its terms (then fp32 summation order alone moves it by more than 1e-5 of itself).
+    The terms are bounded by weight_sum * max |a_i . b_j| (1 for normalised rows)."""
+    if loss in ("clip_raw", "openclip"):
+        bound = float(a.double().norm(dim=1).max() * b.double().norm(dim=1).max())
+    else:
+        bound = 1.0
+    scale = max(abs(float(expected)), float(weight_sum) * bound)
+    return abs(float(got) - float(expected)) / scale
+
+
 def _check_case(world, backend, impl, key, tol):
     _, loss, reduction, dtype = key
     even = key[0] == "spec"
@@ -411,7 +424,7 @@ def _check_case(world, backend, impl, key, tol):
     row_weights = _row_weights(key, loss, reduction, weights, multipliers, counts, offsets)
     per_row, ea, eb, es = _float64(loss, a, b, _scale_value(loss), row_weights)
     scale_grad = sum(r[(backend, impl) + key]["gs"] for r in world.ranks)
-    assert rel_err(scale_grad, es) < tol, "temperature gradient summed over the ranks vs float64"
+    assert _scale_grad_err(scale_grad, es, loss, a, b, row_weights.sum()) < tol, "temperature gradient summed over the ranks vs float64"
     for rank, res in enumerate(world.ranks):
         got = res[(backend, impl) + key]
         rows = _local_rows(loss, rank, counts, offsets)
@@ -440,7 +453,7 @@ def test_spec_convention_equals_single_process(world, backend, impl, loss):
     results = [r[(backend, impl) + key] for r in world.ranks]
     w = world.size
     assert rel_err(sum(r["loss"] for r in results) / w, single) < TOL
-    assert rel_err(sum(r["gs"] for r in results) / w, ss) < TOL
+    assert _scale_grad_err(sum(r["gs"] for r in results) / w, ss, loss, a, b, 1.0) < TOL
     for rank, res in enumerate(results):
         own = slice(offsets[rank], offsets[rank] + counts[rank])
         assert rel_err(res["ga"], w * sa[own]) < TOL, f"rank {rank}"
@@ -463,7 +476,8 @@ def test_uneven_batches_and_every_reduction(world, backend, impl, loss, reductio
     a, b, weights, multipliers = _inputs(world.seed, key, world.size, False)
     row_weights = _row_weights(key, loss, reduction, weights, multipliers, counts, offsets)
     per_row, sa, sb, ss = _single(backend, loss, a, b, _scale_value(loss), "none", row_weights)
-    assert rel_err(sum(r[(backend, impl) + key]["gs"] for r in world.ranks), ss) < TOL
+    scale_grad = sum(r[(backend, impl) + key]["gs"] for r in world.ranks)
+    assert _scale_grad_err(scale_grad, ss, loss, a, b, row_weights.sum()) < TOL
     for rank, res in enumerate(world.ranks):
         got = res[(backend, impl) + key]
         own = slice(offsets[rank], offsets[rank] + counts[rank])
@@ -485,8 +499,10 @@ def test_ring_equals_gather(world, backend):
     for key, *_ in _cases(world.size):
         for res in world.ranks:
             ring, gather = res[(backend, "ring") + key], res[(backend, "gather") + key]
-            for name in ("loss", "ga", "gb", "gs"):
+            for name in ("loss", "ga", "gb"):
                 assert rel_err(ring[name], gather[name]) < TOL, (key, name)
+            a, b, _, _ = _inputs(world.seed, key, world.size, key[0] == "spec")
+            assert _scale_grad_err(ring["gs"], gather["gs"], key[1], a, b, 2.0) < TOL, key
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -515,7 +531,10 @@ def test_clip_loss_module_matches_openclip(world, backend, impl, local_loss, gat
         assert rel_err(res["gb"], res["eb"]) < TOL, f"rank {rank}: text gradient"
         assert float(res["gbias"]) == 0.0
     mean = sum(r["gs"] for r in results) / world.size
-    assert rel_err(mean, sum(r["es"] for r in results) / world.size) < TOL, "logit_scale gradient, DDP-averaged"
+    expected = sum(r["es"] for r in results) / world.size
+    a, b, _, _ = _inputs(world.seed, ("openclip", "clip_raw", "mean", torch.float32), world.size, True)
+    weight = 1.0  # the upstream multipliers are in [0.5, 1.5)
+    assert _scale_grad_err(mean, expected, "openclip", a, b, weight) < TOL, "logit_scale gradient, DDP-averaged"
 
 
 def test_bad_inputs_raise_on_every_rank(world):
