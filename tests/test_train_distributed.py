@@ -30,16 +30,25 @@ WORLD, LOCAL_BATCH, STEPS = 2, 12, 3
 COMMON = ["--threads", "1", "--image-size", "8", "--width", "4", "--hidden-dim", "32", "--feature-dim", "16",
           "--no-progress", "--no-eval", "--no-plot", "--steps", str(STEPS), "--warmup-epochs", "0", "--sync-bn"]
 FAMILY = {"simclr": "infonce", "byol": "byol", "swav": "sinkhorn"}
-CASES = [("simclr", "torch"), ("simclr", "cpu"), ("swav", "cpu"), ("byol", "cpu")]
+CASES = [("simclr", "torch", "gather"), ("simclr", "torch", "ring"), ("simclr", "cpu", "gather"), ("swav", "cpu", ""),
+         ("byol", "cpu", "")]  # (method, loss backend, SimCLR's dist_impl)
 # BYOL: that noise bias shifts the predictor's input, so the heads' BatchNorm running means (and
 # the EMA target) drift by O(lr); the encoder (the representation) is compared
 WEIGHTS_CHECKED = {"byol": "encoder."}
 EXTRA = {"simclr": [], "byol": [], "swav": ["--prototypes", "12", "--freeze-prototypes-steps", "1"]}
 
 
-def _runnable(method: str, backend: str) -> str | None:
+def _runnable(method: str, backend: str, impl: str = "") -> str | None:
     if backend != "torch" and backend not in cl_fast.backends(FAMILY[method], "cpu"):
         return f"needs cl_fast._C built (the fused cpu {FAMILY[method]} backend)"
+    if method == "simclr" and backend != "torch":  # the distributed path runs the InfoNCE block kernels
+        from cl_fast._ops import infonce as ops
+
+        rows = torch.zeros(2, 1)
+        try:
+            ops.infonce_block_fwd(rows, rows, torch.ones(()), 0, True, backend)
+        except (AttributeError, RuntimeError, NotImplementedError) as error:
+            return f"has no infonce_block_fwd kernel in this build of cl_fast._C ({type(error).__name__})"
     return None
 
 
@@ -51,8 +60,9 @@ def _fixed_views(self, images, size, scale=None):
     return images if self.calls % 2 else images.flip(-1)
 
 
-def _argv(method, backend, batch, out):
-    return [method, *COMMON, *EXTRA[method], "--loss-backend", backend, "--batch-size", str(batch), "--out", out]
+def _argv(method, backend, impl, batch, out):
+    impl = ["--dist-impl", impl] if impl else []
+    return [method, *COMMON, *EXTRA[method], *impl, "--loss-backend", backend, "--batch-size", str(batch), "--out", out]
 
 
 def _worker(rank: int, init_file: str, out_dir: str, cases) -> None:
@@ -62,10 +72,10 @@ def _worker(rank: int, init_file: str, out_dir: str, cases) -> None:
         os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD))
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
                                 timeout=datetime.timedelta(seconds=120))
-        for method, backend in cases:
-            out = os.path.join(out_dir, f"{method}-{backend}")
-            result = cli.run(_argv(method, backend, LOCAL_BATCH, out), log=lambda line: None)
-            torch.save(result.losses, os.path.join(out_dir, f"{method}-{backend}-rank{rank}.pt"))
+        for case in cases:
+            out = os.path.join(out_dir, "-".join(case))
+            result = cli.run(_argv(*case, LOCAL_BATCH, out), log=lambda line: None)
+            torch.save(result.losses, os.path.join(out, f"losses-rank{rank}.pt"))
         dist.destroy_process_group()
     except BaseException:
         with open(os.path.join(out_dir, f"rank{rank}.error"), "w") as f:
@@ -88,24 +98,25 @@ def two_ranks(tmp_path_factory):
     return out_dir
 
 
-@pytest.mark.parametrize("method,backend", [
-    pytest.param(*case, id="-".join(case), marks=[pytest.mark.skip(reason=why)] if (why := _runnable(*case)) else [])
+@pytest.mark.parametrize("method,backend,impl", [
+    pytest.param(*case, id="-".join(filter(None, case)), marks=[pytest.mark.skip(reason=why)] if (why := _runnable(*case)) else [])
     for case in CASES
 ])
-def test_two_ranks_equal_one_process_on_the_doubled_batch(method, backend, two_ranks, tmp_path, monkeypatch):
+def test_two_ranks_equal_one_process_on_the_doubled_batch(method, backend, impl, two_ranks, tmp_path, monkeypatch):
     monkeypatch.setattr(Augment, "__call__", _fixed_views)
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
-    single = cli.run(_argv(method, backend, WORLD * LOCAL_BATCH, str(tmp_path)), log=lambda line: None)
+    single = cli.run(_argv(method, backend, impl, WORLD * LOCAL_BATCH, str(tmp_path)), log=lambda line: None)
+    run = two_ranks / "-".join((method, backend, impl))
 
-    ranks = [torch.load(two_ranks / f"{method}-{backend}-rank{r}.pt") for r in range(WORLD)]
+    ranks = [torch.load(run / f"losses-rank{r}.pt") for r in range(WORLD)]
     assert ranks[0] == ranks[1]  # every rank logs the global batch's loss
     assert len(single.losses) == len(ranks[0]) == STEPS
     assert abs(single.losses[-1] - single.losses[0]) > 1e-4  # the weights moved
     rel = [abs(a - b) / abs(b) for a, b in zip(ranks[0], single.losses)]
     assert rel[0] < 1e-6 and max(rel) < 1e-4, (ranks[0], single.losses)
 
-    distributed = torch.load(two_ranks / f"{method}-{backend}" / "checkpoint.pt", weights_only=False)
+    distributed = torch.load(run / "checkpoint.pt", weights_only=False)
     expected = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     initial, trainable = _initial_model(expected)
     # the gradients' history (AdamW's moments), against the model's largest

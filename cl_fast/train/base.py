@@ -41,6 +41,7 @@ class MethodConfig:
     small_crops: int = 0  # SwAV multi-crop: extra low-resolution crops
     sinkhorn_iterations: int = 3
     sinkhorn_epsilon: float = 0.05
+    dist_impl: str = "gather"  # SimCLR under torchrun: nt_xent's exchange of the columns (gather or ring)
     sync_bn: bool = False  # under torchrun: BatchNorm statistics of the global batch (SimCLR, BYOL, SwAV)
 
 

@@ -29,6 +29,5 @@ class SimCLR(Method):
     def loss(self, outputs: list[Tensor], context: dict) -> Tensor:
         z1, z2 = outputs
         # under torchrun: this rank's rows against the negatives of ALL ranks (the global batch)
-        distributed = {} if self.group is None else {"group": self.group}
         return cl_fast.nt_xent(z1, z2, temperature=self.config.temperature, backend=self.config.loss_backend,
-                               **distributed)
+                               group=self.group, dist_impl=self.config.dist_impl)
