@@ -25,10 +25,11 @@ gradient; nt_xent: temperature 0.1), one seed per rank.
 
 Time: each repeat starts after a barrier; each rank times its own forward + backward (CUDA:
 bracketed by synchronize); a repeat's time is the slowest rank's; the table shows the median over
---repeats after --warmup calls. A cell whose time, extrapolated from the previous size (x N^2),
-would pass --cell-seconds is skipped and says so.
+--repeats after --warmup calls (one repeat where the warm-up shows they would pass --call-seconds).
+A cell whose call, extrapolated from the previous size (x N^2), would take longer than
+--call-seconds is skipped and says so.
 
-Peak memory per rank: CUDA: torch.cuda.max_memory_allocated() over one call minus
+Peak memory per rank, over the last timed call: CUDA: torch.cuda.max_memory_allocated() minus
 memory_allocated() before it. CPU: growth of the rank process's resident set over one call:
 freed heap returned to the kernel (malloc_trim) and the kernel's high-water mark reset
 (/proc/self/clear_refs = 5) before it, so VmHWM - VmRSS(before) is that call's own peak, inputs
@@ -214,10 +215,10 @@ def _run_cells(rank, args, device, group):
                 previous = last.get((op, impl))
                 if previous is not None:
                     n_prev, t_prev = previous
-                    estimate = t_prev * (n_global / n_prev) ** 2 * (args.warmup + args.repeats + 1)
-                    if estimate > args.cell_seconds:
-                        row["note"] = (f"skipped: ~{estimate:.0f} s for this cell, extrapolated from N = {n_prev} "
-                                       f"(> --cell-seconds {args.cell_seconds:g})")
+                    estimate = t_prev * (n_global / n_prev) ** 2
+                    if estimate > args.call_seconds:
+                        row["note"] = (f"skipped: ~{estimate:.0f} s per call, extrapolated from N = {n_prev} "
+                                       f"(> --call-seconds {args.call_seconds:g})")
                         continue
                 a, b, scale = _inputs(op, n_global // world, args.dim, dtype, device, rank, args.seed)
                 try:
@@ -234,28 +235,29 @@ def _run_cells(rank, args, device, group):
 
 def _measure(op, impl, backend, a, b, scale, group, device, meter, args):
     first = None
-    for i in range(args.warmup):
+    for _ in range(args.warmup):
         _sync(device)
         t0 = time.perf_counter()
         _step(op, impl, backend, a, b, scale, group)
         _sync(device)
         first = first or time.perf_counter() - t0
     repeats = args.repeats
-    if first is not None and _over_ranks(first, device) * repeats > args.cell_seconds:
+    if first is not None and _over_ranks(first, device) * repeats > args.call_seconds:
         repeats = 1  # a slow cell: one timed call
-    times = []
-    loss = None
-    for _ in range(repeats):
+    times, peak, loss = [], 0, None
+    for i in range(repeats):
+        last = i == repeats - 1
         dist.barrier()
+        if last:  # the last repeat also meters the memory (the meter's own work stays outside the timing)
+            meter.start()
         _sync(device)
         t0 = time.perf_counter()
         loss = _step(op, impl, backend, a, b, scale, group)
         _sync(device)
-        times.append(_over_ranks(time.perf_counter() - t0, device))
-    dist.barrier()
-    meter.start()
-    _step(op, impl, backend, a, b, scale, group)
-    peak = meter.stop()
+        seconds = time.perf_counter() - t0
+        if last:
+            peak = meter.stop()
+        times.append(_over_ranks(seconds, device))
     peaks = [None] * dist.get_world_size(group)
     dist.all_gather_object(peaks, int(peak))
     mean_loss = loss.float().reshape(1).clone()
@@ -340,8 +342,9 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1, help="CPU threads per rank (default 1)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--cell-seconds", type=float, default=60.0,
-                   help="skip a cell whose warm-up + repeats would take longer, extrapolated from the previous size")
+    p.add_argument("--call-seconds", type=float, default=60.0,
+                   help="skip a cell (op, impl, N) whose forward+backward, extrapolated from the previous size (x N^2), "
+                        "would take longer; time one repeat where the warm-up shows the repeats would (default 60)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--md", metavar="FILE.md")
     p.add_argument("--csv", metavar="FILE.csv")
