@@ -117,7 +117,7 @@ def build(config: RunConfig, methods: dict, device: torch.device, ranks) -> tupl
     method: Method = methods[config.method](config.method_config, dataset.channels).to(device)
     if ranks.enabled:
         method.group = distributed.group()  # the losses' negatives / codes span the global batch
-        if getattr(config.method_config, "sync_bn", False):
+        if config.method_config.sync_bn:
             convert_global_bn(method)  # BatchNorm statistics of the global batch too
     shape = {key: getattr(config.method_config, key) for key in method.shape_keys}
     shape.update(data=dataset.name, channels=dataset.channels, image_size=dataset.image_size)
