@@ -1,8 +1,10 @@
 """nt_xent, info_nce, clip_loss and their modules over torch.distributed (gloo, torch.multiprocessing).
 
-Every world size (2 and 3) is spawned ONCE for the module: the workers run every case (backends
-whose block pieces run here, both dist_impls, every loss and reduction, even and uneven local
-batches, bad inputs) and save what they computed; the tests below compare each rank's numbers
+One spawn of 3 ranks for the whole module: the 2-rank cases run on the subgroup of ranks [1, 2]
+(its group ranks differ from the global ones), the 3-rank cases, the modules (default group),
+bad inputs, the memory check and the failures on the default group. The workers run every case
+(backends whose block pieces run here, both dist_impls, every loss and reduction, even and
+uneven local batches) and save what they computed; the tests below compare each rank's numbers
 with the single-process run on the concatenated batch (the same backend in fp32, and float64).
 
 SPEC.md's convention, for a rank r holding rows R_r of the global batch: its value is the
@@ -408,6 +410,13 @@ def world(request, spawned):
     return _World(request.param, seed, by_size[request.param])
 
 
+@pytest.fixture
+def world3(spawned):
+    """The default group's run (3 ranks): modules, OpenCLIP's formula, errors, memory, failures."""
+    seed, by_size = spawned
+    return _World(3, seed, by_size[3])
+
+
 # -------------------------------------------------------------------------------------- tests
 def _single(backend, loss, a, b, scale_value, reduction, row_weights, dtype=torch.float32):
     """The single-process run on the concatenated batch: (per-row or reduced loss, ga, gb, gs)."""
@@ -537,9 +546,8 @@ def test_ring_equals_gather(world, backend):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("backend", [_backend_param(b) for b in ("torch", "cpu")])
-def test_modules(world, backend, impl):
-    if world.size != 3:
-        pytest.skip("the modules use the default group: the 3-rank run")
+def test_modules(world3, backend, impl):
+    world = world3
     key = ("spec", "nt_xent", "mean", torch.float32)
     for res in world.ranks:
         module, function = res[(backend, impl, "NTXentLoss")], res[(backend, impl) + key]
@@ -552,12 +560,11 @@ def test_modules(world, backend, impl):
 @pytest.mark.parametrize("local_loss,gather_with_grad", OPENCLIP_MODES)
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("backend", [_backend_param(b) for b in ("torch", "cpu")])
-def test_clip_loss_module_matches_openclip(world, backend, impl, local_loss, gather_with_grad):
+def test_clip_loss_module_matches_openclip(world3, backend, impl, local_loss, gather_with_grad):
     """ClipLoss(local_loss, gather_with_grad, rank, world_size) against OpenCLIP's formula on
     features gathered by torch.distributed.nn's all_gather (float64): each rank's value and
     feature gradients; the scale gradient after DDP's averaging (mean over the ranks)."""
-    if world.size != 3:
-        pytest.skip("ClipLoss uses the default group: the 3-rank run")
+    world = world3
     results = [r[(backend, impl, "openclip", local_loss, gather_with_grad)] for r in world.ranks]
     for rank, res in enumerate(results):
         assert rel_err(res["loss"], res["expected"]) < TOL, f"rank {rank}: value"
@@ -571,9 +578,8 @@ def test_clip_loss_module_matches_openclip(world, backend, impl, local_loss, gat
     assert _scale_grad_err(mean, expected, "openclip", a, b, weight) < TOL, "logit_scale gradient, DDP-averaged"
 
 
-def test_bad_inputs_raise_on_every_rank(world):
-    if world.size != 3:
-        pytest.skip("checked on the 3-rank run")
+def test_bad_inputs_raise_on_every_rank(world3):
+    world = world3
     for rank, res in enumerate(world.ranks):
         kind, message = res[("error", "dim")]
         assert kind == "ValueError" and "z1 / z2" in message and "feature dimension" in message, message
@@ -598,9 +604,8 @@ def test_bad_inputs_raise_on_every_rank(world):
         assert torch.isfinite(res[("error", "after")])
 
 
-def test_per_rank_memory_is_not_local_rows_times_global_columns(world):
-    if world.size != 3:
-        pytest.skip("measured on the 3-rank run")
+def test_per_rank_memory_is_not_local_rows_times_global_columns(world3):
+    world = world3
     local_rows, global_cols = 2 * MEMORY_N, 2 * MEMORY_N * world.size  # nt_xent: 2n rows, 2nW columns
     square = local_rows * global_cols  # elements of the local x global matrix
     measured = {k: v for k, v in world.ranks[0].items() if k[0] == "memory"}
@@ -613,9 +618,8 @@ def test_per_rank_memory_is_not_local_rows_times_global_columns(world):
         assert sizes["profiled"] < square, (backend, impl, sizes)
 
 
-def test_absent_or_dead_rank_gives_runtime_error_not_hang(world):
-    if world.size != 3:
-        pytest.skip("checked on the 3-rank run")
+def test_absent_or_dead_rank_gives_runtime_error_not_hang(world3):
+    world = world3
     res = world.ranks[0]
     kind, message = res[("fail", "absent")]
     assert kind == "RuntimeError" and "cl_fast.nt_xent" in message and "all_gather" in message, message
