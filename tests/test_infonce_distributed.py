@@ -231,7 +231,44 @@ def _run_cases(rank, world, group, seed, backends, results):
                 }
             if on_world and backend != "triton":
                 _run_modules(rank, world, seed, backend, impl, device, results)
+                _run_ddp(rank, world, seed, backend, impl, results)
                 _run_openclip_modes(rank, world, seed, backend, impl, device, results)
+
+
+class _Tower(torch.nn.Module):
+    """A linear projection and a learnable temperature: what DDP averages."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(7)
+        self.proj = torch.nn.Linear(D, 5)
+        with torch.no_grad():
+            self.proj.weight.copy_(torch.randn(5, D, generator=g))
+            self.proj.bias.copy_(torch.randn(5, generator=g))
+        self.temperature = torch.nn.Parameter(torch.tensor(0.4))
+
+    def forward(self, x1, x2, loss="nt_xent", **kw):
+        h = self.proj(torch.cat([x1, x2]))
+        n = x1.shape[0]
+        if loss == "nt_xent":
+            return cl_fast.nt_xent(h[:n], h[n:], self.temperature, **kw)
+        return cl_fast.info_nce(h[:n], h[n:], self.temperature, symmetric=True, **kw)
+
+
+def _ddp_grads(model):
+    return {name: p.grad.detach().cpu().clone() for name, p in model.named_parameters()}
+
+
+def _run_ddp(rank, world, seed, backend, impl, results):
+    """DDP (gloo) around the loss: the averaged parameter gradients are the single-process ones."""
+    counts, offsets = _layout(world, True)
+    for loss in ("nt_xent", "info_nce_sym"):
+        x1, x2, _, _ = _inputs(seed, ("ddp", loss, "mean", torch.float32), world, True)
+        own = slice(offsets[rank], offsets[rank] + counts[rank])
+        model = torch.nn.parallel.DistributedDataParallel(_Tower())
+        value = model(x1[own], x2[own], loss, group=dist.group.WORLD, dist_impl=impl, backend=backend)
+        value.backward()
+        results[(backend, impl, "ddp", loss)] = {"loss": value.detach(), "grads": _ddp_grads(model.module)}
 
 
 def _run_modules(rank, world, seed, backend, impl, device, results):
@@ -576,6 +613,25 @@ def test_clip_loss_module_matches_openclip(world3, backend, impl, local_loss, ga
     a, b, _, _ = _inputs(world.seed, ("openclip", "clip_raw", "mean", torch.float32), world.size, True)
     weight = 1.0  # the upstream multipliers are in [0.5, 1.5)
     assert _scale_grad_err(mean, expected, "openclip", a, b, weight) < TOL, "logit_scale gradient, DDP-averaged"
+
+
+@pytest.mark.parametrize("loss", ["nt_xent", "info_nce_sym"])
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("backend", [_backend_param(b) for b in ("torch", "cpu")])
+def test_ddp_gradients_equal_single_process_on_the_global_batch(world3, backend, impl, loss):
+    """DistributedDataParallel around a projection + learnable temperature: after DDP's average,
+    every parameter gradient (the temperature's included) is the single-process gradient of the
+    loss on the concatenated batch, and the mean of the ranks' losses is that loss."""
+    x1, x2, _, _ = _inputs(world3.seed, ("ddp", loss, "mean", torch.float32), 3, True)
+    model = _Tower()
+    single = model(x1, x2, loss, backend=backend)
+    single.backward()
+    expected = _ddp_grads(model)
+    results = [r[(backend, impl, "ddp", loss)] for r in world3.ranks]
+    assert rel_err(sum(r["loss"] for r in results) / 3, single) < TOL
+    for rank, res in enumerate(results):
+        for name, grad in expected.items():
+            assert rel_err(res["grads"][name], grad) < TOL, (rank, name)
 
 
 def test_bad_inputs_raise_on_every_rank(world3):
