@@ -83,7 +83,7 @@ def _backend_param(backend):
 
 
 def _worker_backends():
-    """Backends the workers run. Triton's interpreter only runs the small 'spec' cases."""
+    """Backends the workers run (Triton's interpreter: TRITON_CASE only)."""
     return [b for b in BACKENDS if RUNNABLE[b] is None]
 
 
@@ -312,8 +312,9 @@ def _run_openclip_modes(rank, world, seed, backend, impl, device, results):
         }
 
 
-def _run_bad_inputs(rank, world, results):
-    """Each call must raise on EVERY rank (none may wait for a rank that already raised)."""
+def _run_bad_inputs(rank, world, results, solo):
+    """Each call must raise on EVERY rank (none may wait for a rank that already raised). Then a
+    group of one rank (the single-process path) and a group this rank is not in."""
     group = dist.group.WORLD
     n = 3
 
@@ -337,6 +338,10 @@ def _run_bad_inputs(rank, world, results):
         results[("error", name)] = _catch(fn)
     # the group is still usable afterwards
     results[("error", "after")] = call(*good).detach()
+    if rank == 0:
+        results[("solo",)] = (cl_fast.nt_xent(*good, 0.5, group=solo, dist_impl="ring"), cl_fast.nt_xent(*good, 0.5))
+    else:
+        results[("error", "not_member")] = _catch(lambda: cl_fast.nt_xent(*good, group=solo))
 
 
 def _run_memory(rank, world, backends, results):
@@ -383,13 +388,14 @@ def _worker(rank, init_file, out_dir, seed, backends):
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
                                 timeout=datetime.timedelta(seconds=60))
         pair = dist.new_group([1, 2])
+        solo = dist.new_group([0])
         short = dist.new_group(timeout=datetime.timedelta(seconds=SHORT_TIMEOUT))
         dead = dist.new_group(timeout=datetime.timedelta(seconds=SHORT_TIMEOUT))
         timings = results[3].setdefault("seconds", {"start": time.monotonic() - STARTED})
         steps = [
             ("cases 2", lambda: rank > 0 and _run_cases(rank - 1, 2, pair, seed, backends, results[2])),
             ("cases 3", lambda: _run_cases(rank, 3, dist.group.WORLD, seed, backends, results[3])),
-            ("bad inputs", lambda: _run_bad_inputs(rank, 3, results[3])),
+            ("bad inputs", lambda: _run_bad_inputs(rank, 3, results[3], solo)),
             ("memory", lambda: _run_memory(rank, 3, backends, results[3])),
             ("failures", lambda: _run_failures(rank, results[3], short)),
         ]
@@ -659,6 +665,11 @@ def test_bad_inputs_raise_on_every_rank(world3):
         assert kind == "ValueError" and "rank" in message
         assert res[("error", "horovod")][0] == "NotImplementedError"
         assert torch.isfinite(res[("error", "after")])
+        if rank == 0:  # a group of one rank: the single-process path
+            torch.testing.assert_close(*res[("solo",)], rtol=0, atol=0)
+        else:
+            kind, message = res[("error", "not_member")]
+            assert kind in ("TypeError", "ValueError") and "group" in message, message
 
 
 def test_per_rank_memory_is_not_local_rows_times_global_columns(world3):
