@@ -1,8 +1,10 @@
 """nt_xent, info_nce, clip_loss and their modules over torch.distributed (gloo, torch.multiprocessing).
 
-Every world size (2 and 3) is spawned ONCE for the module: the workers run every case (backends
-whose block pieces run here, both dist_impls, every loss and reduction, even and uneven local
-batches, bad inputs) and save what they computed; the tests below compare each rank's numbers
+One spawn of 3 ranks for the whole module: the 2-rank cases run on the subgroup of ranks [1, 2]
+(its group ranks differ from the global ones), the 3-rank cases, the modules (default group),
+bad inputs, the memory check and the failures on the default group. The workers run every case
+(backends whose block pieces run here, both dist_impls, every loss and reduction, even and
+uneven local batches) and save what they computed; the tests below compare each rank's numbers
 with the single-process run on the concatenated batch (the same backend in fp32, and float64).
 
 SPEC.md's convention, for a rank r holding rows R_r of the global batch: its value is the
@@ -19,6 +21,7 @@ import datetime
 import os
 import time
 import traceback
+import warnings
 import zlib
 
 import pytest
@@ -41,18 +44,22 @@ TOL = 1e-5  # fp32 relative error against the single-process fp32 run and agains
 MEMORY_N, MEMORY_D = 128, 8
 SHORT_TIMEOUT = 2.0
 STARTED = time.monotonic()  # module import time (in a worker: its start)
+WORLD = 3  # one spawn; the 2-rank cases run on a subgroup of it
+TRITON_CASE = ("spec", "nt_xent", "mean", torch.float32)  # the one case Triton's interpreter runs
 OPENCLIP_MODES = [(True, True), (True, False), (False, True), (False, False)]  # (local_loss, gather_with_grad)
 
 
 # ------------------------------------------------------------------------------ what runs here
 def _device_for(backend):
-    return torch.device("cuda") if backend == "triton" and not _dispatch.triton_interpreted() else torch.device("cpu")
+    return torch.device("cpu")  # gloo on CPU tensors (Triton through its interpreter)
 
 
 def _why_not(backend):
     """None if the InfoNCE block pieces of `backend` run here, else why not."""
     if backend == "torch":
         return None
+    if backend == "triton" and not _dispatch.triton_interpreted():
+        return "runs here under TRITON_INTERPRET=1 only (gloo on CPU tensors)"
     if backend not in cl_fast.backends("infonce", _device_for(backend)):
         return {"cpu": "needs cl_fast._C built", "triton": "needs triton with a CUDA GPU or TRITON_INTERPRET=1"}[backend]
     from cl_fast._ops import infonce as ops
@@ -76,7 +83,7 @@ def _backend_param(backend):
 
 
 def _worker_backends():
-    """Backends the workers run. Triton's interpreter only runs the small 'spec' cases."""
+    """Backends the workers run (Triton's interpreter: TRITON_CASE only)."""
     return [b for b in BACKENDS if RUNNABLE[b] is None]
 
 
@@ -166,7 +173,9 @@ def _openclip_reference(image, text, scale, local_loss, gather_with_grad, rank, 
     import torch.distributed.nn.functional as dnn
 
     if gather_with_grad:
-        all_image, all_text = torch.cat(dnn.all_gather(image)), torch.cat(dnn.all_gather(text))
+        with warnings.catch_warnings():  # torch 2.13 marks it deprecated; it is what OpenCLIP calls
+            warnings.simplefilter("ignore", FutureWarning)
+            all_image, all_text = torch.cat(dnn.all_gather(image)), torch.cat(dnn.all_gather(text))
     else:
         images = [torch.zeros_like(image) for _ in range(world)]
         texts = [torch.zeros_like(text) for _ in range(world)]
@@ -193,20 +202,22 @@ def _catch(fn):
     return None
 
 
-def _run_cases(rank, world, seed, backends, results):
-    group = dist.group.WORLD
+def _run_cases(rank, world, group, seed, backends, results):
+    """Every case on `group` (world ranks; rank = this process's rank in it). The modules and
+    OpenCLIP's formula use the default group, so they run when `group` is it."""
+    on_world = group is dist.group.WORLD
     for backend in backends:
         device = _device_for(backend)
         cases = _cases(world)
-        if backend == "triton":  # the interpreter is slow: the even fp32 cases only
-            cases = [c for c in cases if c[0][0] == "spec" and c[4] == torch.float32]
+        if backend == "triton":  # the interpreter is slow: one small case
+            cases = [c for c in cases if c[0] == TRITON_CASE]
         for impl in IMPLS:
             for key, loss, reduction, even, dtype in cases:
                 counts, offsets = _layout(world, even)
                 a, b, weights, multipliers = _inputs(seed, key, world, even)
                 own = slice(offsets[rank], offsets[rank] + counts[rank])
-                la = a[own].to(device, dtype).requires_grad_()
-                lb = b[own].to(device, dtype).requires_grad_()
+                la = a[own].to(device, dtype).clone().requires_grad_()
+                lb = b[own].to(device, dtype).clone().requires_grad_()
                 scale = torch.tensor(_scale_value(loss), device=device, requires_grad=True)
                 out = _call(loss, la, lb, scale, reduction, backend, group=group, dist_impl=impl)
                 if reduction == "none":
@@ -218,22 +229,63 @@ def _run_cases(rank, world, seed, backends, results):
                     "loss": out.detach().cpu(), "ga": la.grad.cpu(), "gb": lb.grad.cpu(), "gs": scale.grad.cpu(),
                     "dtype": out.dtype,
                 }
-            # the modules
-            counts, offsets = _layout(world, True)
-            a, b, _, _ = _inputs(seed, ("spec", "nt_xent", "mean", torch.float32), world, True)
-            own = slice(offsets[rank], offsets[rank] + counts[rank])
-            la, lb = a[own].to(device).requires_grad_(), b[own].to(device).requires_grad_()
-            module = cl_fast.NTXentLoss(0.3, gather_distributed=True, backend=backend, dist_impl=impl)
-            value = module(la, lb)
-            value.backward()
-            results[(backend, impl, "NTXentLoss")] = {"loss": value.detach().cpu(), "ga": la.grad.cpu(), "gb": lb.grad.cpu()}
-            module = cl_fast.InfoNCELoss(0.3, symmetric=True, backend=backend, group=group, dist_impl=impl)
-            results[(backend, impl, "InfoNCELoss")] = {
-                "loss": module(la.detach(), lb.detach()).cpu(),
-                "function": cl_fast.info_nce(la.detach(), lb.detach(), 0.3, symmetric=True, backend=backend,
-                                             group=group, dist_impl=impl).cpu(),
-            }
-            _run_openclip_modes(rank, world, seed, backend, impl, device, results)
+            if on_world and backend != "triton":
+                _run_modules(rank, world, seed, backend, impl, device, results)
+                _run_ddp(rank, world, seed, backend, impl, results)
+                _run_openclip_modes(rank, world, seed, backend, impl, device, results)
+
+
+class _Tower(torch.nn.Module):
+    """A linear projection and a learnable temperature: what DDP averages."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(7)
+        self.proj = torch.nn.Linear(D, 5)
+        with torch.no_grad():
+            self.proj.weight.copy_(torch.randn(5, D, generator=g))
+            self.proj.bias.copy_(torch.randn(5, generator=g))
+        self.temperature = torch.nn.Parameter(torch.tensor(0.4))
+
+    def forward(self, x1, x2, loss="nt_xent", **kw):
+        h = self.proj(torch.cat([x1, x2]))
+        n = x1.shape[0]
+        if loss == "nt_xent":
+            return cl_fast.nt_xent(h[:n], h[n:], self.temperature, **kw)
+        return cl_fast.info_nce(h[:n], h[n:], self.temperature, symmetric=True, **kw)
+
+
+def _ddp_grads(model):
+    return {name: p.grad.detach().cpu().clone() for name, p in model.named_parameters()}
+
+
+def _run_ddp(rank, world, seed, backend, impl, results):
+    """DDP (gloo) around the loss: the averaged parameter gradients are the single-process ones."""
+    counts, offsets = _layout(world, True)
+    for loss in ("nt_xent", "info_nce_sym"):
+        x1, x2, _, _ = _inputs(seed, ("ddp", loss, "mean", torch.float32), world, True)
+        own = slice(offsets[rank], offsets[rank] + counts[rank])
+        model = torch.nn.parallel.DistributedDataParallel(_Tower())
+        value = model(x1[own], x2[own], loss, group=dist.group.WORLD, dist_impl=impl, backend=backend)
+        value.backward()
+        results[(backend, impl, "ddp", loss)] = {"loss": value.detach(), "grads": _ddp_grads(model.module)}
+
+
+def _run_modules(rank, world, seed, backend, impl, device, results):
+    counts, offsets = _layout(world, True)
+    a, b, _, _ = _inputs(seed, ("spec", "nt_xent", "mean", torch.float32), world, True)
+    own = slice(offsets[rank], offsets[rank] + counts[rank])
+    la, lb = a[own].to(device).requires_grad_(), b[own].to(device).requires_grad_()
+    module = cl_fast.NTXentLoss(0.3, gather_distributed=True, backend=backend, dist_impl=impl)
+    value = module(la, lb)
+    value.backward()
+    results[(backend, impl, "NTXentLoss")] = {"loss": value.detach().cpu(), "ga": la.grad.cpu(), "gb": lb.grad.cpu()}
+    module = cl_fast.InfoNCELoss(0.3, symmetric=True, backend=backend, group=dist.group.WORLD, dist_impl=impl)
+    results[(backend, impl, "InfoNCELoss")] = {
+        "loss": module(la.detach(), lb.detach()).cpu(),
+        "function": cl_fast.info_nce(la.detach(), lb.detach(), 0.3, symmetric=True, backend=backend,
+                                     group=dist.group.WORLD, dist_impl=impl).cpu(),
+    }
 
 
 def _run_openclip_modes(rank, world, seed, backend, impl, device, results):
@@ -260,8 +312,9 @@ def _run_openclip_modes(rank, world, seed, backend, impl, device, results):
         }
 
 
-def _run_bad_inputs(rank, world, results):
-    """Each call must raise on EVERY rank (none may wait for a rank that already raised)."""
+def _run_bad_inputs(rank, world, results, solo):
+    """Each call must raise on EVERY rank (none may wait for a rank that already raised). Then a
+    group of one rank (the single-process path) and a group this rank is not in."""
     group = dist.group.WORLD
     n = 3
 
@@ -285,6 +338,10 @@ def _run_bad_inputs(rank, world, results):
         results[("error", name)] = _catch(fn)
     # the group is still usable afterwards
     results[("error", "after")] = call(*good).detach()
+    if rank == 0:
+        results[("solo",)] = (cl_fast.nt_xent(*good, 0.5, group=solo, dist_impl="ring"), cl_fast.nt_xent(*good, 0.5))
+    else:
+        results[("error", "not_member")] = _catch(lambda: cl_fast.nt_xent(*good, group=solo))
 
 
 def _run_memory(rank, world, backends, results):
@@ -294,7 +351,7 @@ def _run_memory(rank, world, backends, results):
     for backend in backends:
         if backend == "triton":
             continue
-        for impl in IMPLS:
+        for impl in IMPLS if backend != "torch" else ("gather",):  # the reference: only to see the check is live
             g = torch.Generator().manual_seed(rank)
             a = torch.randn(MEMORY_N, MEMORY_D, generator=g).requires_grad_()
             b = torch.randn(MEMORY_N, MEMORY_D, generator=g).requires_grad_()
@@ -307,11 +364,13 @@ def _run_memory(rank, world, backends, results):
 
             with AllocationRecorder() as recorder:
                 step()
-            results[("memory", backend, impl)] = {"recorded": recorder.largest, "profiled": _largest_cpu_allocation(step)}
+            # the profiler (sees inside the C++ kernels) is slow: once, on the gather path
+            profiled = _largest_cpu_allocation(step) if backend != "torch" and impl == "gather" else None
+            results[("memory", backend, impl)] = {"recorded": recorder.largest, "profiled": profiled}
 
 
 def _run_failures(rank, results, short):
-    """A rank that does not come: the other gets a RuntimeError within the group's timeout."""
+    """Ranks that do not come: rank 0 gets a RuntimeError within the group's timeout."""
     a, b = torch.randn(3, D), torch.randn(3, D)
     if rank == 0:
         start = time.monotonic()
@@ -320,35 +379,44 @@ def _run_failures(rank, results, short):
     dist.barrier()
 
 
-def _worker(rank, world, init_file, out_dir, seed, backends):
-    results = {}
+def _worker(rank, init_file, out_dir, seed, backends):
+    """One spawn of WORLD ranks: the 2-rank cases on the subgroup of ranks [1, 2] (group rank !=
+    global rank), the 3-rank cases, modules and errors on the default group, then the failures."""
+    results = {2: {}, 3: {}}
+    out = os.path.join(out_dir, f"rank{rank}.pt")
     try:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
                                 timeout=datetime.timedelta(seconds=60))
+        pair = dist.new_group([1, 2])
+        solo = dist.new_group([0])
         short = dist.new_group(timeout=datetime.timedelta(seconds=SHORT_TIMEOUT))
-        dead = dist.new_group(timeout=datetime.timedelta(seconds=SHORT_TIMEOUT)) if world == 2 else None
-        timings = results.setdefault("seconds", {"start": time.monotonic() - STARTED})
-        for name, fn in [("cases", lambda: _run_cases(rank, world, seed, backends, results)),
-                         ("bad inputs", lambda: _run_bad_inputs(rank, world, results)),
-                         ("memory", lambda: world == 2 and _run_memory(rank, world, backends, results)),
-                         ("failures", lambda: world == 2 and _run_failures(rank, results, short))]:
+        dead = dist.new_group(timeout=datetime.timedelta(seconds=SHORT_TIMEOUT))
+        timings = results[3].setdefault("seconds", {"start": time.monotonic() - STARTED})
+        steps = [
+            ("cases 2", lambda: rank > 0 and _run_cases(rank - 1, 2, pair, seed, backends, results[2])),
+            ("cases 3", lambda: _run_cases(rank, 3, dist.group.WORLD, seed, backends, results[3])),
+            ("bad inputs", lambda: _run_bad_inputs(rank, 3, results[3], solo)),
+            ("memory", lambda: _run_memory(rank, 3, backends, results[3])),
+            ("failures", lambda: _run_failures(rank, results[3], short)),
+        ]
+        for name, fn in steps:
             begin = time.monotonic()
             fn()
             timings[name] = time.monotonic() - begin
         dist.barrier()
-        if world == 2:  # last: rank 1 dies, rank 0 calls the loss on a group that still counts it
-            if rank == 1:
-                torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-                os._exit(0)
-            a, b = torch.randn(3, D), torch.randn(3, D)
-            time.sleep(0.5)
-            start = time.monotonic()
-            results[("fail", "dead")] = _catch(lambda: cl_fast.info_nce(a, b, group=dead, backend="torch"))
-            results[("fail", "dead_seconds")] = time.monotonic() - start
-            torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-            os._exit(0)  # the world group has a dead member: no clean teardown
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.destroy_process_group()
+        # last: rank 2 dies; ranks 0 and 1 call the loss on a group that still counts it
+        if rank == 2:
+            torch.save(results, out)
+            os._exit(0)
+        a, b = torch.randn(3, D), torch.randn(3, D)
+        time.sleep(0.5)
+        start = time.monotonic()
+        results[3][("fail", "dead")] = _catch(
+            lambda: cl_fast.info_nce(a, b, group=dead, dist_impl="ring", backend="torch")
+        )
+        results[3][("fail", "dead_seconds")] = time.monotonic() - start
+        torch.save(results, out)
+        os._exit(0)  # the default group has a dead member: no clean teardown
     except BaseException:
         with open(os.path.join(out_dir, f"rank{rank}.error"), "w") as f:
             f.write(traceback.format_exc())
@@ -356,36 +424,49 @@ def _worker(rank, world, init_file, out_dir, seed, backends):
 
 
 class _World:
-    def __init__(self, size, seed, ranks, seconds):
-        self.size, self.seed, self.ranks, self.seconds = size, seed, ranks, seconds
+    def __init__(self, size, seed, ranks):
+        self.size, self.seed, self.ranks = size, seed, ranks
 
 
-@pytest.fixture(scope="module", params=[2, 3], ids=["world2", "world3"])
-def world(request, tmp_path_factory):
+@pytest.fixture(scope="module")
+def spawned(tmp_path_factory):
+    """The one spawn of this module: {world size: [results of each rank of that group]}."""
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("needs torch.distributed with the gloo backend")
-    size = request.param
-    out = tmp_path_factory.mktemp(f"world{size}")
+    out = tmp_path_factory.mktemp("ranks")
     seed = int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
     start = time.monotonic()
     try:
-        mp.start_processes(_worker, args=(size, str(out / "init"), str(out), seed, _worker_backends()),
-                           nprocs=size, join=True, start_method="spawn")
+        mp.start_processes(_worker, args=(str(out / "init"), str(out), seed, _worker_backends()),
+                           nprocs=WORLD, join=True, start_method="spawn")
     except (mp.ProcessRaisedException, mp.ProcessExitedException) as error:
-        details = "".join((out / f"rank{r}.error").read_text() for r in range(size) if (out / f"rank{r}.error").exists())
+        details = "".join((out / f"rank{r}.error").read_text() for r in range(WORLD) if (out / f"rank{r}.error").exists())
         pytest.fail(f"a rank failed (seed {seed}):\n{details or error}")
-    ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(size)]
-    world = _World(size, seed, ranks, time.monotonic() - start)
-    print(f"\nworld {size}: {world.seconds:.1f} s; per rank: {[r['seconds'] for r in ranks]}")
-    return world
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    seconds = time.monotonic() - start
+    print(f"\nspawn: {seconds:.1f} s; per rank: {[r[3]['seconds'] for r in ranks]}")
+    return seed, {2: [r[2] for r in ranks[1:]], 3: [r[3] for r in ranks]}
+
+
+@pytest.fixture(params=[2, 3], ids=["world2", "world3"])
+def world(request, spawned):
+    seed, by_size = spawned
+    return _World(request.param, seed, by_size[request.param])
+
+
+@pytest.fixture
+def world3(spawned):
+    """The default group's run (3 ranks): modules, OpenCLIP's formula, errors, memory, failures."""
+    seed, by_size = spawned
+    return _World(3, seed, by_size[3])
 
 
 # -------------------------------------------------------------------------------------- tests
 def _single(backend, loss, a, b, scale_value, reduction, row_weights, dtype=torch.float32):
     """The single-process run on the concatenated batch: (per-row or reduced loss, ga, gb, gs)."""
     device = _device_for(backend)
-    a = a.to(device, dtype).requires_grad_()
-    b = b.to(device, dtype).requires_grad_()
+    a = a.to(device, dtype).clone().requires_grad_()
+    b = b.to(device, dtype).clone().requires_grad_()
     scale = torch.tensor(scale_value, device=device, requires_grad=True)
     out = _call(loss, a, b, scale, reduction, backend)
     weights = row_weights.to(device) if reduction == "none" else 1.0
@@ -447,6 +528,8 @@ def test_spec_convention_equals_single_process(world, backend, impl, loss):
     gradient == W * its slice of the single-process gradient, mean of the dscale == single dscale
     (the single-process fp32 run of the same backend, then float64)."""
     key = ("spec", loss, "mean", torch.float32)
+    if backend == "triton" and key != TRITON_CASE:
+        pytest.skip("Triton's interpreter is slow: the distributed run covers one case (nt_xent)")
     counts, offsets = _layout(world.size, True)
     a, b, _, _ = _inputs(world.seed, key, world.size, True)
     single, sa, sb, ss = _single(backend, loss, a, b, _scale_value(loss), "mean", None)
@@ -507,7 +590,8 @@ def test_ring_equals_gather(world, backend):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("backend", [_backend_param(b) for b in ("torch", "cpu")])
-def test_modules(world, backend, impl):
+def test_modules(world3, backend, impl):
+    world = world3
     key = ("spec", "nt_xent", "mean", torch.float32)
     for res in world.ranks:
         module, function = res[(backend, impl, "NTXentLoss")], res[(backend, impl) + key]
@@ -520,10 +604,11 @@ def test_modules(world, backend, impl):
 @pytest.mark.parametrize("local_loss,gather_with_grad", OPENCLIP_MODES)
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("backend", [_backend_param(b) for b in ("torch", "cpu")])
-def test_clip_loss_module_matches_openclip(world, backend, impl, local_loss, gather_with_grad):
+def test_clip_loss_module_matches_openclip(world3, backend, impl, local_loss, gather_with_grad):
     """ClipLoss(local_loss, gather_with_grad, rank, world_size) against OpenCLIP's formula on
     features gathered by torch.distributed.nn's all_gather (float64): each rank's value and
     feature gradients; the scale gradient after DDP's averaging (mean over the ranks)."""
+    world = world3
     results = [r[(backend, impl, "openclip", local_loss, gather_with_grad)] for r in world.ranks]
     for rank, res in enumerate(results):
         assert rel_err(res["loss"], res["expected"]) < TOL, f"rank {rank}: value"
@@ -537,7 +622,27 @@ def test_clip_loss_module_matches_openclip(world, backend, impl, local_loss, gat
     assert _scale_grad_err(mean, expected, "openclip", a, b, weight) < TOL, "logit_scale gradient, DDP-averaged"
 
 
-def test_bad_inputs_raise_on_every_rank(world):
+@pytest.mark.parametrize("loss", ["nt_xent", "info_nce_sym"])
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("backend", [_backend_param(b) for b in ("torch", "cpu")])
+def test_ddp_gradients_equal_single_process_on_the_global_batch(world3, backend, impl, loss):
+    """DistributedDataParallel around a projection + learnable temperature: after DDP's average,
+    every parameter gradient (the temperature's included) is the single-process gradient of the
+    loss on the concatenated batch, and the mean of the ranks' losses is that loss."""
+    x1, x2, _, _ = _inputs(world3.seed, ("ddp", loss, "mean", torch.float32), 3, True)
+    model = _Tower()
+    single = model(x1, x2, loss, backend=backend)
+    single.backward()
+    expected = _ddp_grads(model)
+    results = [r[(backend, impl, "ddp", loss)] for r in world3.ranks]
+    assert rel_err(sum(r["loss"] for r in results) / 3, single) < TOL
+    for rank, res in enumerate(results):
+        for name, grad in expected.items():
+            assert rel_err(res["grads"][name], grad) < TOL, (rank, name)
+
+
+def test_bad_inputs_raise_on_every_rank(world3):
+    world = world3
     for rank, res in enumerate(world.ranks):
         kind, message = res[("error", "dim")]
         assert kind == "ValueError" and "z1 / z2" in message and "feature dimension" in message, message
@@ -560,33 +665,38 @@ def test_bad_inputs_raise_on_every_rank(world):
         assert kind == "ValueError" and "rank" in message
         assert res[("error", "horovod")][0] == "NotImplementedError"
         assert torch.isfinite(res[("error", "after")])
+        if rank == 0:  # a group of one rank: the single-process path
+            torch.testing.assert_close(*res[("solo",)], rtol=0, atol=0)
+        else:
+            kind, message = res[("error", "not_member")]
+            assert kind in ("TypeError", "ValueError") and "group" in message, message
 
 
-def test_per_rank_memory_is_not_local_rows_times_global_columns(world):
-    if world.size != 2:
-        pytest.skip("measured on the 2-rank run")
+def test_per_rank_memory_is_not_local_rows_times_global_columns(world3):
+    world = world3
     local_rows, global_cols = 2 * MEMORY_N, 2 * MEMORY_N * world.size  # nt_xent: 2n rows, 2nW columns
     square = local_rows * global_cols  # elements of the local x global matrix
     measured = {k: v for k, v in world.ranks[0].items() if k[0] == "memory"}
     assert measured, "no backend ran the memory check"
     for (_, backend, impl), sizes in measured.items():
         if backend == "torch":  # the reference builds it (ring: per block): the recorder sees it (the check is live)
-            assert sizes["recorded"] >= 4 * square // (world.size if impl == "ring" else 1), impl
+            assert sizes["recorded"] >= 4 * square, impl
             continue
         assert sizes["recorded"] < square, (backend, impl, sizes)  # bytes < elements: far below 4 bytes each
-        assert sizes["profiled"] < square, (backend, impl, sizes)
+        if sizes["profiled"] is not None:
+            assert sizes["profiled"] < square, (backend, impl, sizes)
 
 
-def test_absent_or_dead_rank_gives_runtime_error_not_hang(world):
-    if world.size != 2:
-        pytest.skip("checked on the 2-rank run")
+def test_absent_or_dead_rank_gives_runtime_error_not_hang(world3):
+    world = world3
     res = world.ranks[0]
     kind, message = res[("fail", "absent")]
     assert kind == "RuntimeError" and "cl_fast.nt_xent" in message and "all_gather" in message, message
     assert res[("fail", "absent_seconds")] < SHORT_TIMEOUT + 5
-    kind, message = res[("fail", "dead")]
-    assert kind == "RuntimeError" and "cl_fast.info_nce" in message, message
-    assert res[("fail", "dead_seconds")] < SHORT_TIMEOUT + 5
+    for rank in (0, 1):  # rank 2 has exited
+        kind, message = world.ranks[rank][("fail", "dead")]
+        assert kind == "RuntimeError" and "cl_fast.info_nce" in message, message
+        assert world.ranks[rank][("fail", "dead_seconds")] < SHORT_TIMEOUT + 5
 
 
 def test_group_none_and_size_one_are_single_process(gen):
