@@ -177,8 +177,9 @@ def test_dot_beyond_fp32_range(backend, gen):
     assert_close_rel(dcols, expected[2], 1e-4, "dcols")
     if expected[3].abs() <= torch.finfo(torch.float32).max:
         assert_close_rel(dscale, expected[3], 1e-4, "dscale")
-    else:  # sum dS <rows, cols> ~ 1e44 itself: fp32's value for it is inf
-        assert dscale == float("inf") * expected[3].sign()
+    else:  # sum dS <rows, cols> ~ 1e44 itself has no fp32 value: inf, or NaN where partial sums
+        # of both signs overflowed (inf - inf); never a finite wrong number
+        assert not torch.isfinite(dscale)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
