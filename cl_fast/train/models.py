@@ -66,12 +66,30 @@ def ema_update_(target: nn.Module, online: nn.Module, tau: float) -> None:
     torch._foreach_lerp_(list(target.parameters()), list(online.parameters()), 1.0 - tau)
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over the ranks of `group`; backward: the sum over the ranks of the gradients (every
+    rank's loss depends on the sum)."""
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor, group) -> Tensor:
+        import torch.distributed as dist
+
+        ctx.group = group
+        out = tensor.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return _AllReduceSum.apply(grad, ctx.group), None
+
+
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm whose training statistics are those of the GLOBAL batch (all ranks of `group`,
     default: the world): SimCLR's "global BN", for gloo (CPU) as well as NCCL, where
-    torch.nn.SyncBatchNorm runs on GPUs only. The per-channel sums are all-reduced with
-    torch.distributed.nn's differentiable all_reduce (two passes: the mean, then the centred
-    squares), so the backward returns each rank the gradient from every rank's loss: SPEC's
+    torch.nn.SyncBatchNorm runs on GPUs only. The per-channel sums are all-reduced with a
+    differentiable all_reduce (two passes: the mean, then the centred squares), so the backward
+    returns each rank the gradient from every rank's loss: SPEC's
     distributed convention, which DDP's gradient average turns into the single-process gradient
     on the global batch. Uneven local batches are fine (the counts are reduced too).
 
@@ -93,19 +111,17 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size(self.group) > 1
         if not (self.training and distributed):
             return super().forward(input)
-        from torch.distributed.nn.functional import all_reduce
-
         self._check_input_dim(input)
         group = self.group if self.group is not None else dist.group.WORLD
         dims = [0] + list(range(2, input.dim()))
         shape = [1, -1] + [1] * (input.dim() - 2)
         x = input.float()
         count = x.new_full((1,), float(input.numel() // input.shape[1]))
-        sums = all_reduce(torch.cat([x.sum(dims), count]), group=group)
+        sums = _AllReduceSum.apply(torch.cat([x.sum(dims), count]), group)
         n = sums[-1].detach()
         mean = sums[:-1] / n
         centred = x - mean.view(shape)
-        var = all_reduce((centred * centred).sum(dims), group=group) / n
+        var = _AllReduceSum.apply((centred * centred).sum(dims), group) / n
         out = centred * torch.rsqrt(var + self.eps).view(shape)
         if self.affine:
             out = out * self.weight.view(shape) + self.bias.view(shape)
