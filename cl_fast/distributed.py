@@ -287,7 +287,13 @@ def _ring_backward(comm: _Comm, plan: _Plan, grad, rows, cols, scale, lse):
     return drows, acc_in, dscale
 
 
-def global_lse(rows: Tensor, cols: Tensor, scale: Tensor, plan: _Plan) -> Tensor:
+def global_lse(rows: Tensor, cols: Tensor, scale: Tensor, plan: _Plan, dtype: torch.dtype) -> Tensor:
+    """_GlobalLSE on rows / cols in the inputs' `dtype` for the fused backends: fp16 / bf16
+    features are exchanged and multiplied at their own width (half the bytes of fp32, and the
+    tensor cores' input type on a GPU), as the single-process kernels use them; the reference
+    ("torch") keeps its compute dtype."""
+    if plan.backend != "torch":
+        rows, cols = rows.to(dtype), cols.to(dtype)
     return _GlobalLSE.apply(rows, cols, scale, plan)
 
 
@@ -367,7 +373,7 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature, *, reduction: str, group, dist_
     u = torch.cat([u1, u2])
     positive = (u1 * u2).sum(dim=1) * scale
     plan = _Plan(comm, [2 * c for c in counts], True, dist_impl, backend)
-    lse = global_lse(u, u, scale, plan)
+    lse = global_lse(u, u, scale, plan, z1.dtype)
     per_row = F.softplus(lse - torch.cat([positive, positive]))
     return reduce_loss(per_row, reduction)
 
@@ -403,9 +409,9 @@ def cross(query: Tensor, key: Tensor, scale_value, *, reciprocal: bool, symmetri
     else:
         positive = (fq * fk.detach()).sum(dim=1) * scale
         positive_t = (fk * fq.detach()).sum(dim=1) * scale
-    per_row = F.softplus(global_lse(uq, uk, scale, plan) - positive)
+    per_row = F.softplus(global_lse(uq, uk, scale, plan, query.dtype) - positive)
     if symmetric:
-        per_row = 0.5 * (per_row + F.softplus(global_lse(uk, uq, scale, plan) - positive_t))
+        per_row = 0.5 * (per_row + F.softplus(global_lse(uk, uq, scale, plan, query.dtype) - positive_t))
     return reduce_loss(per_row, reduction), comm, counts
 
 
