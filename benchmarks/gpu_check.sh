@@ -1,18 +1,22 @@
 #!/usr/bin/env bash
 # One command for a lent GPU (H100/H200): build the extension, time the InfoNCE kernels one by one
 # (benchmarks/gpu_kernels.py: forward and backward separately, TFLOP/s against DESIGN.md's counts),
-# run the test suite on CUDA tensors, then benchmark every loss and backend. Written for the device tool's image (system
+# run the test suite on CUDA tensors, time the distributed losses over NCCL when more than one GPU
+# is lent (benchmarks/dist_bench.py), then benchmark every loss and backend. Written for the device tool's image (system
 # python3 with a CUDA torch, Triton, nvcc, pytest; no internet); see benchmarks/README.md.
 #
 #   device tool:  run(command="bash benchmarks/gpu_check.sh", timeout_s=540)
 #
-# Writes into $OUT (the device tool's folder; benchmarks/results/gpu when unset), 8 files:
+# Writes into $OUT (the device tool's folder; benchmarks/results/gpu when unset), 8 files (11 with
+# more than one GPU):
 #   env.log  build.log  kernels.log  tests.log  bench.log  bench_gpu.csv  bench_gpu.md  bench_gpu.png
+#   dist.log  dist_gpu.csv  dist_gpu.md
 # Each step runs under `timeout` with its own limit, all within TOTAL_LIMIT (default 470 s, so the
 # whole check ends inside 8 minutes); a failing step does not stop the later ones, and the exit
 # status is non-zero when any step failed. Knobs (environment): PYTHON, TOTAL_LIMIT, BUILD_LIMIT,
 # KERNELS_LIMIT, KERNELS_ARGS (arguments of gpu_kernels.py), TEST_LIMIT, TEST_TIMEOUT (per test),
-# BENCH_LIMIT, STEPS (default "env build kernels tests bench"),
+# DIST_LIMIT, DIST_ARGS (arguments of dist_bench.py), BENCH_LIMIT, STEPS (default
+# "env build kernels tests dist bench"),
 # BENCH_ARGS (replaces the benchmark's op/size/dtype arguments), BENCH_DEVICE (default cuda; cpu
 # for a dry run of this script on a machine without a GPU).
 set -u -o pipefail
@@ -27,12 +31,14 @@ KERNELS_LIMIT="${KERNELS_LIMIT:-170}"
 KERNELS_ARGS="${KERNELS_ARGS:-}"
 TEST_LIMIT="${TEST_LIMIT:-90}"
 TEST_TIMEOUT="${TEST_TIMEOUT:-60}"
+DIST_LIMIT="${DIST_LIMIT:-100}"
+DIST_ARGS="${DIST_ARGS:---dtype bf16 --sizes 16384,65536,262144 --call-seconds 10}"
 BENCH_LIMIT="${BENCH_LIMIT:-230}"
-STEPS="${STEPS:-env build kernels tests bench}"
+STEPS="${STEPS:-env build kernels tests dist bench}"
 BENCH_ARGS="${BENCH_ARGS:---ops nt_xent,info_nce,clip_loss,moco_loss,sinkhorn,byol_loss --dtype bf16,fp32 \
 --sizes 1024,4096,16384,65536 --compile-ops nt_xent,clip_loss}"
 # The fused Triton kernels run compiled on the GPU, never through the interpreter.
-export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1 PY OUT TEST_TIMEOUT BENCH_ARGS KERNELS_ARGS
+export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1 PY OUT TEST_TIMEOUT BENCH_ARGS KERNELS_ARGS DIST_ARGS
 BENCH_DEVICE="${BENCH_DEVICE:-cuda}" && export BENCH_DEVICE
 START=$(date +%s)
 for s in $STEPS; do : >"$OUT/$s.log"; done # this run's logs only
@@ -110,13 +116,30 @@ tests() {
     CL_FAST_AUTOTUNE=0 "$PY" -m pytest -q -x -rs -p no:cacheprovider "${timeout_args[@]}" tests
 }
 
+gpu_count() {
+    "$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0
+}
+
+dist_bench() {
+    # nt_xent / clip_loss with group=WORLD (gather, ring) against OpenCLIP-style gather-with-grad,
+    # one rank per GPU over NCCL; a dry run (BENCH_DEVICE=cpu) uses 2 gloo ranks at small sizes
+    if [[ $BENCH_DEVICE == cpu ]]; then
+        "$PY" benchmarks/dist_bench.py --device cpu --world 2 --sizes 512,2048 \
+            --md "$OUT/dist_gpu.md" --csv "$OUT/dist_gpu.csv"
+        return
+    fi
+    # shellcheck disable=SC2086
+    "$PY" benchmarks/dist_bench.py --device cuda --world "$(gpu_count)" $DIST_ARGS \
+        --md "$OUT/dist_gpu.md" --csv "$OUT/dist_gpu.csv"
+}
+
 bench() {
     # stop starting new cells 40 s before the step's limit, so the tables and the plot get written
     # shellcheck disable=SC2086
     "$PY" -m cl_fast bench --device "$BENCH_DEVICE" $BENCH_ARGS --time-budget "$(($1 - 40))" --cell-timeout 90 \
         --csv "$OUT/bench_gpu.csv" --md "$OUT/bench_gpu.md" --plot "$OUT/bench_gpu.png"
 }
-export -f env_info build kernels tests bench
+export -f env_info build kernels tests gpu_count dist_bench bench
 
 for s in $STEPS; do
     case $s in
@@ -136,13 +159,22 @@ for s in $STEPS; do
             SUMMARY+=("tests: skipped (no pytest)")
         fi
         ;;
+    dist)
+        n_gpus=$(gpu_count)
+        if [[ $BENCH_DEVICE == cuda ]] && ((n_gpus < 2)); then
+            echo "== dist: skipped, torch sees $n_gpus GPU(s) here; the NCCL benchmark needs 2 or more" | tee -a "$OUT/dist.log"
+            SUMMARY+=("dist: skipped ($n_gpus GPU)")
+        else
+            run_step dist "$DIST_LIMIT" "$OUT/dist.log" bash -c dist_bench
+        fi
+        ;;
     bench)
         limit=$BENCH_LIMIT
         left=$(remaining)
         ((limit > left)) && limit=$left
         run_step bench "$limit" "$OUT/bench.log" bash -c "bench $limit"
         ;;
-    *) echo "unknown step $s (known: env build kernels tests bench)" && FAILED+=("$s") ;;
+    *) echo "unknown step $s (known: env build kernels tests dist bench)" && FAILED+=("$s") ;;
     esac
 done
 

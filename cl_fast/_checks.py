@@ -67,8 +67,9 @@ def check_finite_scalar(name: str, value, device: torch.device) -> None:
         raise ValueError(f"{name} must be finite, got {value}")
 
 
-def check_world(owner: str, rank, world_size, use_horovod: bool = False) -> None:
-    """OpenCLIP's (rank, world_size): validated; more than one process is not implemented yet."""
+def check_world(owner: str, rank, world_size, use_horovod: bool = False, multi_process: bool = False) -> None:
+    """OpenCLIP's (rank, world_size): validated. multi_process=False (an owner without a
+    distributed path): world_size > 1 is NotImplementedError."""
     for name, value in (("rank", rank), ("world_size", world_size)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise TypeError(f"{name} must be an int, got {type(value).__name__}")
@@ -78,11 +79,28 @@ def check_world(owner: str, rank, world_size, use_horovod: bool = False) -> None
         raise ValueError(f"rank must be in [0, world_size) = [0, {world_size}), got {rank}")
     if use_horovod:
         raise NotImplementedError(f"{owner}(use_horovod=True): Horovod is not supported by cl_fast")
-    if world_size > 1:
+    if world_size > 1 and not multi_process:
         raise NotImplementedError(
             f"{owner}(world_size={world_size}): the multi-process loss (features gathered over the ranks) "
             "is not implemented yet; cl_fast computes the single-process loss only (world_size=1)"
         )
+
+
+def check_world_matches_group(owner: str, rank: int, world_size: int) -> None:
+    """OpenCLIP's (rank, world_size) with world_size > 1 name the default process group: it must
+    exist and this process must be that rank of that many."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError(
+            f"{owner}(world_size={world_size}) needs torch.distributed initialised "
+            "(torch.distributed.init_process_group) before the loss is computed"
+        )
+    actual_world, actual_rank = dist.get_world_size(), dist.get_rank()
+    if world_size != actual_world:
+        raise ValueError(f"world_size={world_size} but the default process group has {actual_world} ranks")
+    if rank != actual_rank:
+        raise ValueError(f"rank={rank} but this process is rank {actual_rank} of the default process group")
 
 
 def check_positive_scalar(name: str, value, device: torch.device) -> None:

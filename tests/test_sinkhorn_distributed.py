@@ -1,26 +1,24 @@
-"""sinkhorn and SwAVLoss on 2 gloo processes (torch.multiprocessing) against one process.
+"""sinkhorn and SwAVLoss on 2 and 3 gloo processes (torch.multiprocessing) against one process.
 
 Each rank holds its slice of one global batch. Distributed sinkhorn (group=WORLD) must return,
 on every rank, that rank's rows of the single-process result on the concatenated batch (with
-B = the global batch). group=None must not communicate. For SwAVLoss with
-sinkhorn_gather_distributed=True, SPEC's convention: the mean over ranks of the losses is the
-single-process loss, and each rank's gradient is W times its slice of the single-process one.
-The workers run once for all backends (one spawn) and save their results; the tests compare.
+B = the global batch: the marginals are global). group=None must not communicate. For SwAVLoss
+with sinkhorn_gather_distributed=True, SPEC's convention: the mean over ranks of the losses is
+the single-process loss, and each rank's gradient is W times its slice of the single-process one.
+One spawn per world size runs every backend (tests/distributed_jobs.py); the tests compare.
 """
 from __future__ import annotations
-
-import os
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import cl_fast
 from cl_fast import _dispatch, reference, swav
 from conftest import RTOL, rel_err
 
-WORLD = 2
+import distributed_jobs
+
 LOCAL_B, K = 13, 17
 ITERATIONS = (0, 1, 3)
 CANDIDATES = ("torch", "cpu", "triton")
@@ -43,10 +41,10 @@ def _runnable(backend: str) -> str | None:
     return None
 
 
-def _inputs(device):
+def _inputs(world, device):
     """The global batch, identical on every rank (fixed seed), and SwAV crops (2 high, 2 low)."""
-    g = torch.Generator().manual_seed(20240607)
-    global_b = WORLD * LOCAL_B
+    g = torch.Generator().manual_seed(20240607 + world)
+    global_b = world * LOCAL_B
     scores = torch.randn(global_b, K, generator=g)
     # Far beyond fp32's exp range, with rows far apart: scores / eps up to ~3000.
     extreme = torch.randn(global_b, K, generator=g) * 5 + torch.randn(global_b, 1, generator=g) * 15
@@ -54,44 +52,27 @@ def _inputs(device):
     return scores.to(device), extreme.to(device), [c.to(device) for c in crops]
 
 
-def _worker(rank, init_file, backends, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
-        rows = slice(rank * LOCAL_B, (rank + 1) * LOCAL_B)
-        results = {}
-        for backend in backends:
-            device = _device_for(backend)
-            scores, extreme, crops = _inputs(device)
-            res = {}
-            for it in ITERATIONS:
-                res[f"dist{it}"] = swav.sinkhorn(scores[rows], epsilon=0.05, iterations=it, group=dist.group.WORLD, backend=backend)
-                res[f"single{it}"] = swav.sinkhorn(scores, epsilon=0.05, iterations=it, backend=backend)
-            res["local"] = swav.sinkhorn(scores[rows], epsilon=0.05, iterations=3, backend=backend)  # group=None: no all-reduce
-            res["extreme"] = swav.sinkhorn(extreme[rows], epsilon=0.02, iterations=3, group=dist.group.WORLD, backend=backend)
-            leaves = [c[rows].clone().requires_grad_() for c in crops]
-            criterion = swav.SwAVLoss(sinkhorn_gather_distributed=True, backend=backend)
-            loss = criterion(leaves[:2], leaves[2:])
-            loss.backward()
-            res["loss"] = loss.detach()
-            res["grads"] = [leaf.grad for leaf in leaves]
-            results[backend] = {
-                k: v.cpu() if isinstance(v, torch.Tensor) else [t.cpu() for t in v] for k, v in res.items()
-            }
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-@pytest.fixture(scope="module")
-def distributed_results(tmp_path_factory):
-    """Runs the 2-process job once for every runnable backend; returns {backend: [rank results]}."""
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with the gloo backend is not available in this torch build")
-    backends = [b for b in CANDIDATES if _runnable(b) is None]
-    out_dir = tmp_path_factory.mktemp("sinkhorn_dist")
-    mp.spawn(_worker, args=(str(out_dir / "init"), backends, str(out_dir)), nprocs=WORLD, join=True)
-    ranks = [torch.load(out_dir / f"rank{r}.pt") for r in range(WORLD)]
-    return {b: [ranks[r][b] for r in range(WORLD)] for b in backends}
+def rank_job(rank: int, world: int) -> dict:
+    """Runs in every rank (distributed_jobs): {backend: results}."""
+    rows = slice(rank * LOCAL_B, (rank + 1) * LOCAL_B)
+    results = {}
+    for backend in (b for b in CANDIDATES if _runnable(b) is None):
+        device = _device_for(backend)
+        scores, extreme, crops = _inputs(world, device)
+        res = {}
+        for it in ITERATIONS:
+            res[f"dist{it}"] = swav.sinkhorn(scores[rows], epsilon=0.05, iterations=it, group=dist.group.WORLD, backend=backend)
+            res[f"single{it}"] = swav.sinkhorn(scores, epsilon=0.05, iterations=it, backend=backend)
+        res["local"] = swav.sinkhorn(scores[rows], epsilon=0.05, iterations=3, backend=backend)  # group=None: no all-reduce
+        res["extreme"] = swav.sinkhorn(extreme[rows], epsilon=0.02, iterations=3, group=dist.group.WORLD, backend=backend)
+        leaves = [c[rows].clone().requires_grad_() for c in crops]
+        criterion = swav.SwAVLoss(sinkhorn_gather_distributed=True, backend=backend)
+        loss = criterion(leaves[:2], leaves[2:])
+        loss.backward()
+        res["loss"] = loss.detach()
+        res["grads"] = [leaf.grad for leaf in leaves]
+        results[backend] = {k: v.cpu() if isinstance(v, torch.Tensor) else [t.cpu() for t in v] for k, v in res.items()}
+    return results
 
 
 def _params():
@@ -103,32 +84,43 @@ def _params():
     return params
 
 
+def _ranks(world, backend):
+    return [r["sinkhorn"][backend] for r in distributed_jobs.run(world)]
+
+
+WORLDS = pytest.mark.parametrize("world", distributed_jobs.WORLD_SIZES)
+
+
+@WORLDS
 @pytest.mark.parametrize("backend", _params())
 @pytest.mark.parametrize("iterations", ITERATIONS)
-def test_distributed_equals_single_process(distributed_results, backend, iterations):
-    ranks = distributed_results[backend]
+def test_distributed_equals_single_process(backend, iterations, world):
+    ranks = _ranks(world, backend)
     gathered = torch.cat([r[f"dist{iterations}"] for r in ranks])
     single = ranks[0][f"single{iterations}"]
     assert rel_err(gathered, single) < RTOL[torch.float32]
-    scores = _inputs(torch.device("cpu"))[0]
-    assert rel_err(gathered, reference.sinkhorn(scores.double(), 0.05, iterations)) < RTOL[torch.float32]
+    scores = _inputs(world, torch.device("cpu"))[0]
+    expected = reference.sinkhorn(scores.double(), 0.05, iterations)
+    assert rel_err(gathered, expected) < RTOL[torch.float32]
 
 
+@WORLDS
 @pytest.mark.parametrize("backend", _params())
-def test_group_none_does_not_communicate(distributed_results, backend):
+def test_group_none_does_not_communicate(backend, world):
     """group=None: each rank normalises over its own rows only (differs from the global result)."""
-    ranks = distributed_results[backend]
-    scores = _inputs(torch.device("cpu"))[0]
+    ranks = _ranks(world, backend)
+    scores = _inputs(world, torch.device("cpu"))[0]
     for rank, res in enumerate(ranks):
         local_scores = scores[rank * LOCAL_B : (rank + 1) * LOCAL_B].double()
         assert rel_err(res["local"], reference.sinkhorn(local_scores, 0.05, 3)) < RTOL[torch.float32]
         assert rel_err(res["local"], res["dist3"]) > 1e-3
 
 
+@WORLDS
 @pytest.mark.parametrize("backend", _params())
-def test_distributed_extreme_scores(distributed_results, backend):
-    ranks = distributed_results[backend]
-    extreme = _inputs(torch.device("cpu"))[1]
+def test_distributed_extreme_scores(backend, world):
+    ranks = _ranks(world, backend)
+    extreme = _inputs(world, torch.device("cpu"))[1]
     gathered = torch.cat([r["extreme"] for r in ranks])
     assert torch.isfinite(gathered).all()
     x_max = float(extreme.abs().max()) / 0.02
@@ -137,15 +129,16 @@ def test_distributed_extreme_scores(distributed_results, backend):
     assert rel_err(gathered, reference.sinkhorn(extreme.double(), 0.02, 3)) < tolerance
 
 
+@WORLDS
 @pytest.mark.parametrize("backend", _params())
-def test_distributed_swav_loss(distributed_results, backend):
-    ranks = distributed_results[backend]
-    crops = [c.double().requires_grad_() for c in _inputs(torch.device("cpu"))[2]]
+def test_distributed_swav_loss(backend, world):
+    ranks = _ranks(world, backend)
+    crops = [c.double().requires_grad_() for c in _inputs(world, torch.device("cpu"))[2]]
     expected = reference.swav_loss(crops[:2], crops[2:])
     expected.backward()
-    mean_loss = sum(r["loss"] for r in ranks) / WORLD
+    mean_loss = sum(r["loss"] for r in ranks) / world
     assert rel_err(mean_loss, expected) < RTOL[torch.float32]
     for rank, res in enumerate(ranks):
         rows = slice(rank * LOCAL_B, (rank + 1) * LOCAL_B)
         for grad, crop in zip(res["grads"], crops):
-            assert rel_err(grad, WORLD * crop.grad[rows]) < RTOL[torch.float32]
+            assert rel_err(grad, world * crop.grad[rows]) < RTOL[torch.float32]

@@ -41,6 +41,8 @@ class MethodConfig:
     small_crops: int = 0  # SwAV multi-crop: extra low-resolution crops
     sinkhorn_iterations: int = 3
     sinkhorn_epsilon: float = 0.05
+    dist_impl: str = "gather"  # SimCLR under torchrun: nt_xent's exchange of the columns (gather or ring)
+    sync_bn: bool = False  # under torchrun: BatchNorm statistics of the global batch (SimCLR, BYOL, SwAV)
 
 
 class Method(nn.Module):
@@ -50,6 +52,8 @@ class Method(nn.Module):
     defaults: dict = {}
     # MethodConfig fields that fix parameter/buffer shapes: a checkpoint must agree on them
     shape_keys: tuple = ("width", "hidden_dim", "feature_dim")
+    # the process group the losses reduce over (set by the loop under torchrun; None: one process)
+    group = None
 
     def __init__(self, config: MethodConfig, in_channels: int):
         super().__init__()

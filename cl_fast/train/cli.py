@@ -23,7 +23,7 @@ LOSS_BACKENDS = ("auto", "torch", "cpu", "triton", "cuda")
 # with --resume). (flag, type, default, help)
 COMMON_DEFAULTS = dict(
     weight_decay=1e-5, steps=None, data=None, image_size=None, seed=0, device="cpu", precision="fp32",
-    loss_backend="auto", width=None, hidden_dim=256, feature_dim=64, save_every=None, stop_at=None, knn_k=20, threads=1,
+    loss_backend="auto", dist_impl="gather", sync_bn=False, width=None, hidden_dim=256, feature_dim=64, save_every=None, stop_at=None, knn_k=20, threads=1,
 )
 METHOD_DEFAULTS = {
     "moco": dict(momentum=0.99, queue_size=4096),
@@ -146,6 +146,15 @@ def _add_method_parser(sub, method: str) -> argparse.ArgumentParser:
                        help=f"multi-crop: extra half-resolution crops per image, 0 for two views only (default {d('small_crops')})")
         g.add_argument("--sinkhorn-iterations", type=_positive_int, metavar="N", help=f"Sinkhorn iterations (default {d('sinkhorn_iterations')})")
         g.add_argument("--sinkhorn-epsilon", type=_positive_float, metavar="EPS", help=f"Sinkhorn entropy weight (default {d('sinkhorn_epsilon')})")
+    if method == "simclr":
+        g.add_argument("--dist-impl", choices=("gather", "ring"),
+                       help="under torchrun: how nt_xent meets the other ranks' negatives: gather (all-gather the "
+                            "features, reduce-scatter their gradients) or ring (pass blocks rank to rank, overlapping "
+                            "compute); the same numbers (default gather)")
+    if method != "moco":  # MoCo shuffles its keys' BatchNorm batches instead
+        g.add_argument("--sync-bn", action="store_true", default=None,
+                       help="under torchrun: BatchNorm statistics over the global batch (all ranks; SimCLR's global "
+                            "BN, gloo or NCCL) instead of each rank's own slice; no effect on one process")
     g.add_argument("--seed", type=_non_negative_int, help=f"seeds the model, batch order and augmentations (default {d('seed')})")
 
     g = p.add_argument_group("loss and hardware")

@@ -5,9 +5,13 @@
 Each rank trains on its own `--batch-size` slice of one global batch stream (global batch =
 batch size x ranks), with its own augmentation generator; DistributedDataParallel averages the
 gradients. What crosses ranks in the losses: MoCoQueue all-gathers the keys (every rank holds the
-same queue), SwAVLoss's Sinkhorn normalises over the global batch; nt_xent and byol_loss use
-the rank's own rows (their negatives are local, as lightly's gather_distributed=False). Rank 0
-logs, evaluates and writes the checkpoint, which holds every rank's generator states.
+same queue), SwAVLoss's Sinkhorn normalises over the global batch, SimCLR's nt_xent scores each
+rank's rows against the negatives of the whole global batch (`group=`; SPEC's distributed
+convention, so with DDP's gradient average a step equals the single-process step on the global
+batch), and byol_loss is per sample (nothing to exchange). `--sync-bn` makes BatchNorm use the
+global batch's statistics too (models.GlobalBatchNorm; SimCLR's "global BN"); without it each rank
+normalises its own slice, as plain DDP does. The logged loss is the global batch's (the mean over
+ranks). Rank 0 logs, evaluates and writes the checkpoint, which holds every rank's generator states.
 """
 from __future__ import annotations
 
@@ -57,13 +61,21 @@ def teardown(ranks: Ranks) -> None:
         dist.destroy_process_group()
 
 
-def any_rank(ranks: Ranks, flag: bool, device: torch.device) -> bool:
-    """True on every rank when `flag` is true on any (Ctrl-C on one rank stops them all together)."""
+def group():
+    """The process group the trainers' losses reduce over under torchrun (the world)."""
+    return dist.group.WORLD
+
+
+def mean_and_any(ranks: Ranks, value: torch.Tensor, flag: bool) -> tuple[float, bool]:
+    """(mean over the ranks of the 0-d `value`, whether `flag` is true on any rank), the same on
+    every rank, from ONE all-reduce: the loss the trainer logs is the global batch's (each rank's
+    loss is the mean over its own rows), and a NaN on one rank stops every rank together."""
     if not ranks.enabled:
-        return flag
-    t = torch.tensor([1 if flag else 0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+        return float(value), flag
+    t = torch.stack([value.float().reshape(()), torch.tensor(1.0 if flag else 0.0, device=value.device)])
+    dist.all_reduce(t)
+    mean, flags = t.tolist()
+    return mean / ranks.world, flags > 0
 
 
 def gather(ranks: Ranks, obj) -> list:

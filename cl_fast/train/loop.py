@@ -21,7 +21,7 @@ from . import distributed
 from .augment import Augment, AugmentConfig
 from .base import Method, MethodConfig
 from .evaluate import evaluate
-from .models import SmallCNN
+from .models import SmallCNN, convert_global_bn
 
 
 @dataclass
@@ -115,6 +115,10 @@ def build(config: RunConfig, methods: dict, device: torch.device, ranks) -> tupl
     random.seed(config.seed)
     np.random.seed(config.seed)
     method: Method = methods[config.method](config.method_config, dataset.channels).to(device)
+    if ranks.enabled:
+        method.group = distributed.group()  # the losses' negatives / codes span the global batch
+        if config.method_config.sync_bn:
+            convert_global_bn(method)  # BatchNorm statistics of the global batch too
     shape = {key: getattr(config.method_config, key) for key in method.shape_keys}
     shape.update(data=dataset.name, channels=dataset.channels, image_size=dataset.image_size)
     resumed = None
@@ -219,7 +223,9 @@ def _train(config: RunConfig, methods: dict, log, ranks, device) -> RunResult:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             method.after_step(step, total_steps, context)
-            value = float(loss.detach())
+            # the loss of the global batch (the mean over ranks of their local means), and whether
+            # any rank was asked to stop (Ctrl-C): one all-reduce, so every rank agrees on both
+            value, stop_requested = distributed.mean_and_any(ranks, loss.detach(), stop_request.requested)
             _sync(device)
             t3 = time.perf_counter()
             if not math.isfinite(value):
@@ -234,7 +240,7 @@ def _train(config: RunConfig, methods: dict, log, ranks, device) -> RunResult:
                 bar.set_postfix(loss=f"{value:.4f}", samples_per_s=f"{config.batch_size * len(step_seconds[window]) / seconds:.0f}",
                                 loss_share=f"{100 * sum(loss_seconds[window]) / seconds:.1f}%", refresh=False)
                 bar.update(1)
-            if distributed.any_rank(ranks, stop_request.requested, device):
+            if stop_requested:
                 interrupted = True
                 break
             if done % save_every == 0 and done < stop:

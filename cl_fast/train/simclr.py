@@ -1,4 +1,7 @@
-"""SimCLR (Chen et al. 2020): two views, one encoder + projection head, NT-Xent over the 2N rows."""
+"""SimCLR (Chen et al. 2020): two views, one encoder + projection head, NT-Xent over the 2N rows.
+
+Under torchrun the negatives are those of the global batch (nt_xent(..., group=WORLD)); add
+--sync-bn for the paper's global BatchNorm."""
 from __future__ import annotations
 
 from torch import Tensor, nn
@@ -25,4 +28,6 @@ class SimCLR(Method):
 
     def loss(self, outputs: list[Tensor], context: dict) -> Tensor:
         z1, z2 = outputs
-        return cl_fast.nt_xent(z1, z2, temperature=self.config.temperature, backend=self.config.loss_backend)
+        # under torchrun: this rank's rows against the negatives of ALL ranks (the global batch)
+        return cl_fast.nt_xent(z1, z2, temperature=self.config.temperature, backend=self.config.loss_backend,
+                               group=self.group, dist_impl=self.config.dist_impl)

@@ -918,3 +918,7 @@ def sm90_specs():
                       constexprs=dict(D=128, D_PAD=128, BLOCK_R=_PREP_BLOCK), num_warps=4, num_stages=1,
                       config=f"BLOCK_R={_PREP_BLOCK} w=4", no_atomics=True))
     return specs
+
+
+# the block pieces (rows against one column slice, for the distributed losses) use this module's helpers
+from .infonce_block import block_bwd, block_fwd  # noqa: E402,F401
