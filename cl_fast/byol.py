@@ -1,18 +1,23 @@
 """BYOL's regression loss: `byol_loss(p, z)` = 2 - 2 cos(p_i, z_i) (= ||n(p_i) - n(z_i)||^2), and `BYOLLoss`.
 
-The fused backends read each row pair once in the forward (||p_i||, ||z_i||, p_i . z_i) and keep
-three fp32 per row for the backward, which reads the rows once more and writes
-    dp_i = -2 g_i r_p (v_i - u_i cos_i),  dz_i = -2 g_i r_z (u_i - v_i cos_i)
-(u = n(p), v = n(z), r = 1 / max(||.||, eps); where a norm is clamped, n(x) = x / eps is linear
-and the projection term drops). No normalised copy of p or z is ever made. z is expected
-detached (BYOL's target branch); if it does require grad, it gets its gradient too.
+Every backend evaluates omc_i = 1 - cos_i without cancellation: with u = n(p), v = n(z),
+r = 1 / max(||.||, eps), omc = ||u - v||^2 / 2 where both norms exceed eps (2 - 2 cos formed as a
+difference of numbers near 2 keeps only fp32's absolute precision, ~1e-7, which is all of the loss
+of nearly aligned rows), and 1 - u.v where a norm is clamped (n(x) = x / eps, ||n(x)|| < 1).
+loss_i = 2 omc_i. The fused backends take the norms in one read of each row pair and omc in a
+second (cached) one, and keep three fp32 per row for the backward, which reads the rows once more
+and writes, using v - cos u = (v - u) + omc u,
+    dp_i = -2 g_i r_p ((v_i - u_i) + omc_p u_i),  dz_i = -2 g_i r_z ((u_i - v_i) + omc_z v_i)
+(omc_x = omc_i, or 1 where x's norm is clamped: n(x) = x / eps is linear and the projection term
+drops). No normalised copy of p or z is ever made. z is expected detached (BYOL's target
+branch); if it does require grad, it gets its gradient too.
 
 Backends: "torch" (reference.byol_loss), "cpu" / "cuda" (cl_fast._C ops cl_fast_C::byol_fwd /
 byol_bwd through cl_fast._native, "cuda" where built), "triton" (CUDA tensors, or CPU tensors under
 TRITON_INTERPRET=1). The custom ops and their autograd: cl_fast/_ops/byol.py.
 Every fused backend provides
 
-    byol_fwd(p, z) -> (loss (N,) fp32, stats (N, 3) fp32 = [||p_i||, ||z_i||, cos_i])
+    byol_fwd(p, z) -> (loss (N,) fp32, stats (N, 3) fp32 = [||p_i||, ||z_i||, omc_i = 1 - cos_i])
     byol_bwd(grad (N,) fp32, p, z, stats, need_dz: bool) -> (dp, dz or (0, D)), in p's dtype
 """
 from __future__ import annotations

@@ -418,7 +418,8 @@ TORCH_LIBRARY(cl_fast_C, m) {
         "-> (Tensor loss, Tensor e, Tensor c)",
         tags);
   m.def("moco_queue_update_(Tensor(a!) queue, Tensor keys, Tensor(b!) ptr) -> ()", tags);
-  // BYOL: stats (N, 3) = [||p_i||, ||z_i||, cos_i] kept for the backward.
+  // BYOL: stats (N, 3) = [||p_i||, ||z_i||, omc_i = 1 - cos_i (computed without cancellation)] kept
+  // for the backward; loss_i = 2 omc_i.
   m.def("byol_fwd(Tensor p, Tensor z) -> (Tensor loss, Tensor stats)", tags);
   m.def("byol_bwd(Tensor grad, Tensor p, Tensor z, Tensor stats, bool need_dz) -> (Tensor dp, Tensor dz)", tags);
   // SwAV Sinkhorn: inv_eps = 1 / epsilon; f is the per-prototype log scaling (K fp32).

@@ -77,9 +77,12 @@ def test_queue_outputs(backend, gen):
     high, low = make_crops(2, 2, 10, 9, torch.float32, gen)
     queue = [randn(23, 9, generator=gen) for _ in high]
     check_against_float64(backend, high, low, queue)
-    without, _ = float64_loss(high, low)
-    with_queue, _ = float64_loss(high, low, queue)
-    assert abs(float(without.detach()) - float(with_queue.detach())) > 1e-3  # the queue is not ignored
+    # the queue is not ignored: it changes every crop's gradient (through the codes). Not the loss
+    # value: a scalar that moves by chance as little as 6e-4 (1 draw in 1000 failed |change| > 1e-3);
+    # each crop's whole gradient moved by >= 14% in 1000 draws.
+    _, without = float64_loss(high, low)
+    _, with_queue = float64_loss(high, low, queue)
+    assert min(rel_err(a, b) for a, b in zip(with_queue, without)) > 1e-2
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

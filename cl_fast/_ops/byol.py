@@ -1,7 +1,8 @@
 """BYOL custom ops: byol_fwd (per-row 2 - 2 cos and three fp32 stats per row) and byol_bwd.
 
-The forward reads each row pair once and keeps (||p_i||, ||z_i||, cos_i); the backward reads the
-rows once more and writes dp (and dz where z requires grad). No normalised copy is ever made.
+The forward keeps (||p_i||, ||z_i||, omc_i = 1 - cos_i, computed without cancellation: see
+cl_fast/byol.py); the backward reads the rows once more and writes dp (and dz where z requires
+grad). No normalised copy is ever made.
 """
 from __future__ import annotations
 

@@ -1,9 +1,16 @@
-// BYOL's regression loss on the CPU: loss_i = 2 - 2 cos(p_i, z_i) = ||n(p_i) - n(z_i)||^2.
-// Forward (one pass over each row): ||p_i||, ||z_i||, p_i.z_i -> loss_i and the per-row stats
-// (||p_i||, ||z_i||, cos_i) kept for the backward (3 fp32 per row).
-// Backward with upstream g_i, r = 1 / max(||.||, eps), u = r_p p, v = r_z z:
-//   dp_i = -2 g_i r_p (v_i - u_i cos_i)   (= -2 g_i r_p v_i when ||p_i|| <= eps: n(p) = p / eps)
-//   dz_i = -2 g_i r_z (u_i - v_i cos_i)   (likewise), only when z requires grad.
+// BYOL's regression loss on the CPU: loss_i = 2 - 2 cos(p_i, z_i) = 2 omc_i, omc = 1 - cos.
+// With r = 1 / max(||.||, eps), u = r_p p, v = r_z z:
+//   omc_i = ||u_i - v_i||^2 / 2   where both norms exceed eps (then ||u|| = ||v|| = 1): no
+//           cancellation for nearly aligned rows, where 1 - u.v would lose the relative precision
+//           (fp32's absolute error ~1e-7 is all of a loss ~1e-4);
+//   omc_i = 1 - u_i.v_i           where a norm is clamped (n(x) = x / eps, ||u|| < 1, so u.v <= ||u||
+//           and it cancels only for a norm within rounding of eps).
+// Forward: the norms (one pass), then omc (a second pass over the rows, still in cache) -> loss_i
+// and the per-row stats (||p_i||, ||z_i||, omc_i) kept for the backward (3 fp32 per row).
+// Backward with upstream g_i, using v - cos u = (v - u) + omc u (true for any u, v):
+//   dp_i = -2 g_i r_p ((v_i - u_i) + omc_p u_i)   omc_p = omc_i, or 1 when ||p_i|| <= eps (n(p) = p / eps
+//                                                 is linear: dp = -2 g r_p v)
+//   dz_i = -2 g_i r_z ((u_i - v_i) + omc_z v_i)   (likewise), only when z requires grad.
 #include "cpu_vec.h"
 #include "../ops.h"
 
@@ -55,12 +62,28 @@ const float* in_range_row(const float* row, int64_t dim, float* buffer, int* e) 
   return buffer;
 }
 
+// sum_j (a_j sa - b_j sb)^2: the squared distance of the normalised rows, no cancellation.
+inline float scaled_dist2(const float* a, float sa, const float* b, float sb, int64_t dim) {
+  const Vec fa(sa), fb(sb);
+  Vec acc(0.f);
+  int64_t j = 0;
+  for (; j + kVec <= dim; j += kVec) {
+    const Vec d = Vec::loadu(a + j) * fa - Vec::loadu(b + j) * fb;
+    acc = at::vec::fmadd(d, d, acc);
+  }
+  if (j < dim) {  // zero-filled tail: d = 0 there
+    const Vec d = Vec::loadu(a + j, dim - j) * fa - Vec::loadu(b + j, dim - j) * fb;
+    acc = at::vec::fmadd(d, d, acc);
+  }
+  return hsum(acc);
+}
+
 template <typename scalar_t>
 void store_row(const float* src, scalar_t* dst, int64_t dim) {
   for (int64_t j = 0; j < dim; ++j) from_f32(src[j], dst + j);
 }
 
-// (loss (N,), stats (N, 3) = [||p||, ||z||, cos]), fp32.
+// (loss (N,), stats (N, 3) = [||p||, ||z||, omc = 1 - cos]), fp32.
 std::tuple<at::Tensor, at::Tensor> byol_fwd(const at::Tensor& p_in, const at::Tensor& z_in) {
   const at::Tensor p = p_in.contiguous(), z = z_in.contiguous();
   const int64_t N = p.size(0), D = p.size(1);
@@ -79,11 +102,15 @@ std::tuple<at::Tensor, at::Tensor> byol_fwd(const at::Tensor& p_in, const at::Te
         const float* pr = in_range_row(row_f32(p_data + i * D, D, pbuf.data()), D, pbuf.data(), &ep);
         const float* zr = in_range_row(row_f32(z_data + i * D, D, zbuf.data()), D, zbuf.data(), &ez);
         const float np = std::sqrt(dot(pr, pr, D)), nz = std::sqrt(dot(zr, zr, D));
-        const float cos = dot(pr, zr, D) / (std::max(np, kNormEps) * std::max(nz, kNormEps));
+        const float rp = 1.f / std::max(np, kNormEps), rz = 1.f / std::max(nz, kNormEps);
+        // a scaled row (max |x| > 2^50) is never clamped; its u (and so omc) is the unscaled row's
+        const bool unclamped = (ep != 0 || np > kNormEps) && (ez != 0 || nz > kNormEps);
+        const float omc = unclamped ? 0.5f * scaled_dist2(pr, rp, zr, rz, D)
+                                    : 1.f - dot(pr, zr, D) / (std::max(np, kNormEps) * std::max(nz, kNormEps));
         stat[3 * i] = std::ldexp(np, ep);  // the true norms (inf only beyond FLT_MAX)
         stat[3 * i + 1] = std::ldexp(nz, ez);
-        stat[3 * i + 2] = cos;
-        loss_data[i] = 2.f - 2.f * cos;
+        stat[3 * i + 2] = omc;
+        loss_data[i] = 2.f * omc;
       }
     });
   }));
@@ -114,20 +141,28 @@ std::tuple<at::Tensor, at::Tensor> byol_bwd(const at::Tensor& grad, const at::Te
         // norms of the rows as scaled (a scaled row's norm recomputed, as the forward had it)
         const float np = ep == 0 ? stat[3 * i] : std::sqrt(dot(pr, pr, D));
         const float nz = ez == 0 ? stat[3 * i + 1] : std::sqrt(dot(zr, zr, D));
-        const float cos = stat[3 * i + 2];
+        const float omc = stat[3 * i + 2];
         const float rp = 1.f / std::max(np, kNormEps), rz = 1.f / std::max(nz, kNormEps);
-        // dp = -2 g r_p (r_z z - [||p|| > eps] cos r_p p)
+        // u and v formed first (r_p r_z alone can underflow); (v - u) is small for aligned rows
+        // and carries the gradient, omc u is its O(omc) correction.
+        // dp = -2 g r_p ((v - u) + omc_p u), omc_p = 1 where ||p|| <= eps
         {
-          const float a = -2.f * g_data[i] * rp * rz;
-          const float b = np > kNormEps ? 2.f * g_data[i] * rp * cos * rp : 0.f;
-          at::vec::map2([a, b](Vec zz, Vec pp) { return zz * Vec(a) + pp * Vec(b); }, out.data(), zr, pr, D);
+          const float c = -2.f * g_data[i] * rp;
+          const float w = (ep != 0 || np > kNormEps) ? omc : 1.f;
+          at::vec::map2([c, w, rp, rz](Vec zz, Vec pp) {
+            const Vec u = pp * Vec(rp), v = zz * Vec(rz);
+            return ((v - u) + u * Vec(w)) * Vec(c);
+          }, out.data(), zr, pr, D);
           if (ep != 0) scale_row_pow2(out.data(), out.data(), D, ep);  // d/dp = 2^-e d/dp'
           store_row(out.data(), dp_data + i * D, D);
         }
         if (need_dz) {
-          const float a = -2.f * g_data[i] * rz * rp;
-          const float b = nz > kNormEps ? 2.f * g_data[i] * rz * cos * rz : 0.f;
-          at::vec::map2([a, b](Vec pp, Vec zz) { return pp * Vec(a) + zz * Vec(b); }, out.data(), pr, zr, D);
+          const float c = -2.f * g_data[i] * rz;
+          const float w = (ez != 0 || nz > kNormEps) ? omc : 1.f;
+          at::vec::map2([c, w, rp, rz](Vec pp, Vec zz) {
+            const Vec u = pp * Vec(rp), v = zz * Vec(rz);
+            return ((u - v) + v * Vec(w)) * Vec(c);
+          }, out.data(), pr, zr, D);
           if (ez != 0) scale_row_pow2(out.data(), out.data(), D, ez);
           store_row(out.data(), dz_data + i * D, D);
         }

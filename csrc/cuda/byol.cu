@@ -1,4 +1,4 @@
-// CUDA implementations of the BYOL ops: byol_fwd (loss and per-row stats [||p||, ||z||, cos])
+// CUDA implementations of the BYOL ops: byol_fwd (loss and per-row stats [||p||, ||z||, 1 - cos])
 // and byol_bwd. Checks from csrc/ops.h first.
 #include "torch_glue.h"
 

@@ -166,8 +166,11 @@ __global__ void queue_advance_kernel(const __grid_constant__ QueueUpdateParams p
 }
 
 // ---- BYOL ---------------------------------------------------------------------------------------
-// cos = (p . z) / (max(||p||, eps) max(||z||, eps)), the dot taken on rows scaled by their max
-// |x| (through the norms), so no finite row overflows.
+// loss = 2 omc, omc = 1 - cos on the normalised rows u = r_p p, v = r_z z (r = 1 / max(||.||, eps),
+// the norms taken on rows scaled by their max |x|, so no finite row overflows). Where both norms
+// exceed eps, omc = ||u - v||^2 / 2 (no cancellation for nearly aligned rows: 1 - u.v keeps only
+// fp32's absolute precision ~1e-7 of a loss ~1e-4); where one is clamped (||u|| < 1), 1 - u.v.
+// The branch is warp-uniform (one row per warp).
 template <int kPerLane>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32) byol_fwd_kernel(const __grid_constant__ ByolParams p) {
   const int lane = threadIdx.x & 31;
@@ -183,16 +186,29 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) byol_fwd_kernel(const __g
     x[t] *= rp;
     y[t] *= rz;
   }
-  const float cos = warp_dot(x, y);
+  float omc;
+  if (np > kNormEps && nz > kNormEps) {
+    float acc = 0.f;
+#pragma unroll
+    for (int t = 0; t < kPerLane; ++t) {
+      const float d = x[t] - y[t];
+      acc = fmaf(d, d, acc);
+    }
+    omc = 0.5f * warp_sum(acc);
+  } else {
+    omc = 1.f - warp_dot(x, y);  // NaN rows land here (NaN > eps is false) and stay NaN
+  }
   if (lane == 0) {
-    p.loss[i] = 2.f - 2.f * cos;
+    p.loss[i] = 2.f * omc;
     p.stats[3 * i] = np;
     p.stats[3 * i + 1] = nz;
-    p.stats[3 * i + 2] = cos;
+    p.stats[3 * i + 2] = omc;
   }
 }
 
-// dp = -2 g r_p (r_z z - [||p|| > eps] cos r_p p), dz likewise with p and z swapped.
+// With v - cos u = (v - u) + omc u (any u, v): dp = -2 g r_p ((v - u) + omc_p u), omc_p = 1 where
+// ||p|| <= eps (n(p) = p / eps is linear); dz likewise with p and z swapped. u and v are formed
+// first (r_p r_z alone can underflow for large rows).
 template <int kPerLane>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32) byol_bwd_kernel(const __grid_constant__ ByolParams p) {
   const int lane = threadIdx.x & 31;
@@ -201,20 +217,25 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) byol_bwd_kernel(const __g
   float x[kPerLane], y[kPerLane];
   load_row(x, p.p, p.dtype, i, p.dim, lane);
   load_row(y, p.z, p.dtype, i, p.dim, lane);
-  const float np = p.stats[3 * i], nz = p.stats[3 * i + 1], cos = p.stats[3 * i + 2], g = p.grad[i];
+  const float np = p.stats[3 * i], nz = p.stats[3 * i + 1], omc = p.stats[3 * i + 2], g = p.grad[i];
   const float rp = inv_clamped(np), rz = inv_clamped(nz);
-  const float ap = -2.f * g * rp * rz, bp = np > kNormEps ? 2.f * g * rp * cos * rp : 0.f;
-  const float az = -2.f * g * rz * rp, bz = nz > kNormEps ? 2.f * g * rz * cos * rz : 0.f;
+  const float cp = -2.f * g * rp, wp = np > kNormEps ? omc : 1.f;
+  const float cz = -2.f * g * rz, wz = nz > kNormEps ? omc : 1.f;
+#pragma unroll
+  for (int t = 0; t < kPerLane; ++t) {
+    x[t] *= rp;  // u
+    y[t] *= rz;  // v
+  }
 #pragma unroll
   for (int t = 0; t < kPerLane; ++t) {
     const int d = lane + 32 * t;
-    if (d < p.dim) store_elem(p.dp, p.dtype, i * p.dim + d, ap * y[t] + bp * x[t]);
+    if (d < p.dim) store_elem(p.dp, p.dtype, i * p.dim + d, cp * fmaf(wp, x[t], y[t] - x[t]));
   }
   if (p.dz == nullptr) return;
 #pragma unroll
   for (int t = 0; t < kPerLane; ++t) {
     const int d = lane + 32 * t;
-    if (d < p.dim) store_elem(p.dz, p.dtype, i * p.dim + d, az * x[t] + bz * y[t]);
+    if (d < p.dim) store_elem(p.dz, p.dtype, i * p.dim + d, cz * fmaf(wz, y[t], x[t] - y[t]));
   }
 }
 
@@ -340,16 +361,19 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, 1) byol_fwd_any_kernel(co
   if (i >= p.n) return;
   const float np = warp_norm_any(p.p, p.dtype, i, p.dim, lane), nz = warp_norm_any(p.z, p.dtype, i, p.dim, lane);
   const float rp = inv_clamped(np), rz = inv_clamped(nz);
-  float acc = 0.f;  // cos = sum (r_p p_d)(r_z z_d): normalised factors, no overflow
+  const bool unclamped = np > kNormEps && nz > kNormEps;  // warp-uniform; false for NaN rows
+  float acc = 0.f;  // on the normalised factors u_d = r_p p_d, v_d = r_z z_d: no overflow
   for (int d = lane; d < p.dim; d += 32) {
-    acc = fmaf(rp * load_elem(p.p, p.dtype, i * p.dim + d), rz * load_elem(p.z, p.dtype, i * p.dim + d), acc);
+    const float u = rp * load_elem(p.p, p.dtype, i * p.dim + d), v = rz * load_elem(p.z, p.dtype, i * p.dim + d);
+    acc = unclamped ? fmaf(u - v, u - v, acc) : fmaf(u, v, acc);
   }
-  const float cos = warp_sum(acc);
+  const float sum = warp_sum(acc);
+  const float omc = unclamped ? 0.5f * sum : 1.f - sum;  // ||u - v||^2 / 2, or 1 - u.v
   if (lane == 0) {
-    p.loss[i] = 2.f - 2.f * cos;
+    p.loss[i] = 2.f * omc;
     p.stats[3 * i] = np;
     p.stats[3 * i + 1] = nz;
-    p.stats[3 * i + 2] = cos;
+    p.stats[3 * i + 2] = omc;
   }
 }
 
@@ -357,14 +381,14 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, 1) byol_bwd_any_kernel(co
   const int lane = threadIdx.x & 31;
   const int64_t i = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
   if (i >= p.n) return;
-  const float np = p.stats[3 * i], nz = p.stats[3 * i + 1], cos = p.stats[3 * i + 2], g = p.grad[i];
+  const float np = p.stats[3 * i], nz = p.stats[3 * i + 1], omc = p.stats[3 * i + 2], g = p.grad[i];
   const float rp = inv_clamped(np), rz = inv_clamped(nz);
-  const float ap = -2.f * g * rp * rz, bp = np > kNormEps ? 2.f * g * rp * cos * rp : 0.f;
-  const float az = -2.f * g * rz * rp, bz = nz > kNormEps ? 2.f * g * rz * cos * rz : 0.f;
+  const float cp = -2.f * g * rp, wp = np > kNormEps ? omc : 1.f;
+  const float cz = -2.f * g * rz, wz = nz > kNormEps ? omc : 1.f;
   for (int d = lane; d < p.dim; d += 32) {
-    const float x = load_elem(p.p, p.dtype, i * p.dim + d), y = load_elem(p.z, p.dtype, i * p.dim + d);
-    store_elem(p.dp, p.dtype, i * p.dim + d, ap * y + bp * x);
-    if (p.dz != nullptr) store_elem(p.dz, p.dtype, i * p.dim + d, az * x + bz * y);
+    const float u = rp * load_elem(p.p, p.dtype, i * p.dim + d), v = rz * load_elem(p.z, p.dtype, i * p.dim + d);
+    store_elem(p.dp, p.dtype, i * p.dim + d, cp * fmaf(wp, u, v - u));
+    if (p.dz != nullptr) store_elem(p.dz, p.dtype, i * p.dim + d, cz * fmaf(wz, v, u - v));
   }
 }
 

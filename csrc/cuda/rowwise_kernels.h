@@ -49,7 +49,8 @@ struct QueueUpdateParams {
   bool ptr_is_int64 = true;
 };
 
-// BYOL: loss_i = 2 - 2 cos(p_i, z_i); stats (n, 3) = [||p||, ||z||, cos]. Backward writes dp and,
+// BYOL: loss_i = 2 - 2 cos(p_i, z_i) = 2 omc_i; stats (n, 3) = [||p||, ||z||, omc = 1 - cos] (omc
+// as ||u - v||^2 / 2 where no norm is clamped: no cancellation). Backward writes dp and,
 // when dz != nullptr, dz (input dtype).
 struct ByolParams {
   const void* p = nullptr;
