@@ -20,8 +20,10 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 
 namespace cl_fast::cpu {
 
@@ -74,6 +76,29 @@ inline Vec fma_exact(const Vec& a, const Vec& b, const Vec& c) {
   for (int64_t l = 0; l < kVec; ++l) x[l] = std::fma(x[l], y[l], z[l]);
   return Vec::loadu(x);
 #endif
+}
+
+// Max over the lanes; NaN if any lane is NaN.
+inline float hmax(const Vec& v) {
+  alignas(64) float lanes[kVec];
+  v.store(lanes);
+  float m = -std::numeric_limits<float>::infinity();
+  for (int64_t l = 0; l < kVec; ++l) {
+    if (std::isnan(lanes[l])) return lanes[l];
+    m = std::max(m, lanes[l]);
+  }
+  return m;
+}
+
+// The first `count` lanes at p (count <= kVec): a full vector, or a ragged tail (zero-filled on load).
+inline Vec load(const float* p, int64_t count) { return count == kVec ? Vec::loadu(p) : Vec::loadu(p, count); }
+
+inline void store(const Vec& v, float* p, int64_t count) {
+  if (count == kVec) {
+    v.store(p);
+  } else {
+    v.store(p, count);
+  }
 }
 
 inline float dot(const float* a, const float* b, int64_t n) {

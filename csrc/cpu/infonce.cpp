@@ -251,17 +251,6 @@ inline Vec zero_lane(const Vec& v, int64_t lane) {
   return Vec::loadu(lanes);
 }
 
-// Loads lanes [j, j + count) of a row; count < kVec zero-fills.
-inline Vec load(const float* p, int64_t count) { return count == kVec ? Vec::loadu(p) : Vec::loadu(p, count); }
-
-inline void store(const Vec& v, float* p, int64_t count) {
-  if (count == kVec) {
-    v.store(p);
-  } else {
-    v.store(p, count);
-  }
-}
-
 // Zeroes the lanes past `count` (ragged tail) and the lane of column i when the tile's diagonal
 // is masked (the nt_xent self pair, or the positive pair).
 // (always inlined: a Vec passed by value to an out-of-line call goes through memory.)

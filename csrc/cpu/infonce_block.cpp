@@ -131,27 +131,6 @@ struct Exclusion {
   }
 };
 
-inline Vec load(const float* p, int64_t count) { return count == kVec ? Vec::loadu(p) : Vec::loadu(p, count); }
-
-inline void store(const Vec& v, float* p, int64_t count) {
-  if (count == kVec) {
-    v.store(p);
-  } else {
-    v.store(p, count);
-  }
-}
-
-// max over lanes, NaN if any lane is NaN.
-inline float hmax(const Vec& v) {
-  alignas(64) float lanes[kVec];
-  v.store(lanes);
-  float m = -kInf;
-  for (int64_t l = 0; l < kVec; ++l) {
-    if (std::isnan(lanes[l])) return lanes[l];
-    m = std::max(m, lanes[l]);
-  }
-  return m;
-}
 
 // Per-call constants shared by the tiles.
 struct Problem {

@@ -79,21 +79,6 @@ constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 inline Vec finite_shift(const Vec& m) { return Vec::blendv(m, Vec(0.f), m == Vec(kNegInf)); }
 inline float finite_shift(float m) { return m == kNegInf ? 0.f : m; }
 
-inline Vec load(const float* p, int64_t n) { return n == kVec ? Vec::loadu(p) : Vec::loadu(p, n); }
-inline void store(const Vec& v, float* p, int64_t n) { n == kVec ? v.store(p) : v.store(p, n); }
-
-// Max over the lanes; NaN if any lane is NaN.
-float reduce_max(const Vec& v) {
-  alignas(64) float lanes[kVec];
-  v.store(lanes);
-  float m = kNegInf;
-  for (int64_t i = 0; i < kVec; ++i) {
-    if (std::isnan(lanes[i])) return kNaN;
-    m = std::max(m, lanes[i]);
-  }
-  return m;
-}
-
 // fp16 -> fp32 with the F16C instructions (every AVX2 CPU has them). Compiled for that target
 // here: the extension is built with -mavx2 -mfma only, and c10::Half's own conversion then does
 // not compile in an AVX2 translation unit (ATen's AVX2 path calls _cvtsh_ss).
@@ -161,7 +146,7 @@ float logits_and_max(const float* s, float inv_eps, const float* f, const float*
     store(v, y + k, n);
     vmax = at::vec::maximum(vmax, n == kVec ? v : Vec::set(Vec(kNegInf), v, n));
   }
-  return reduce_max(vmax);
+  return hmax(vmax);
 }
 
 // Sample step of one row, in place on y (= x + f on entry, from logits_and_max with its max m):
@@ -317,7 +302,7 @@ float sample_step_bounded(const float* s, float inv_eps, const float* f, const f
     vmax = at::vec::maximum(vmax, n == kVec ? y : Vec::set(Vec(kNegInf), y, n));
   }
   float sum = hsum(acc);
-  const float m = reduce_max(vmax);
+  const float m = hmax(vmax);
   if (!(m <= shift + kMaxAboveBound) || !(sum >= kMinBoundedSum)) {  // also true for NaN
     logits_and_max(s, inv_eps, f, f_lo, K, e);
     sum = exp_row(e, m, K);
