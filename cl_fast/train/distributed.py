@@ -56,8 +56,13 @@ def setup(device: str) -> tuple[Ranks, torch.device]:
     return Ranks(rank, world, local_rank, owns), dev
 
 
-def teardown(ranks: Ranks) -> None:
+def teardown(ranks: Ranks, finished: bool = False) -> None:
+    """Destroys the process group this module made. After a run that finished on every rank,
+    the ranks first meet at a barrier (rank 0 evaluates alone at the end), so that no rank tears
+    its connections down while another still uses the group."""
     if ranks.owns_group and dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 

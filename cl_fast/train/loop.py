@@ -142,10 +142,13 @@ def build(config: RunConfig, methods: dict, device: torch.device, ranks) -> tupl
 
 def train(config: RunConfig, methods: dict, log=print) -> RunResult:
     ranks, device = distributed.setup(config.device)
+    finished = False
     try:
-        return _train(config, methods, log if ranks.is_main else (lambda line: None), ranks, device)
+        result = _train(config, methods, log if ranks.is_main else (lambda line: None), ranks, device)
+        finished = True
+        return result
     finally:
-        distributed.teardown(ranks)
+        distributed.teardown(ranks, finished)
 
 
 def _train(config: RunConfig, methods: dict, log, ranks, device) -> RunResult:
