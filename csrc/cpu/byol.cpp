@@ -83,6 +83,18 @@ void store_row(const float* src, scalar_t* dst, int64_t dim) {
   for (int64_t j = 0; j < dim; ++j) from_f32(src[j], dst + j);
 }
 
+// One row's gradient, x the row differentiated and y the other: out = c ((n(y) - n(x)) + w n(x)),
+// n(x) = r_x x, n(y) = r_y y formed first (r_x r_y alone can underflow). (n(y) - n(x)) is small for
+// aligned rows and carries the gradient, w n(x) is its O(1 - cos) correction. A row scaled by
+// 2^-e (in_range_row) gets d/dx = 2^-e d/dx'.
+void row_grad(const float* x, const float* y, float rx, float ry, float c, float w, int e, float* out, int64_t dim) {
+  at::vec::map2([c, w, rx, ry](Vec xx, Vec yy) {
+    const Vec u = xx * Vec(rx), v = yy * Vec(ry);
+    return ((v - u) + u * Vec(w)) * Vec(c);
+  }, out, x, y, dim);
+  if (e != 0) scale_row_pow2(out, out, dim, e);
+}
+
 // (loss (N,), stats (N, 3) = [||p||, ||z||, omc = 1 - cos]), fp32.
 std::tuple<at::Tensor, at::Tensor> byol_fwd(const at::Tensor& p_in, const at::Tensor& z_in) {
   const at::Tensor p = p_in.contiguous(), z = z_in.contiguous();
@@ -143,27 +155,11 @@ std::tuple<at::Tensor, at::Tensor> byol_bwd(const at::Tensor& grad, const at::Te
         const float nz = ez == 0 ? stat[3 * i + 1] : std::sqrt(dot(zr, zr, D));
         const float omc = stat[3 * i + 2];
         const float rp = 1.f / std::max(np, kNormEps), rz = 1.f / std::max(nz, kNormEps);
-        // u and v formed first (r_p r_z alone can underflow); (v - u) is small for aligned rows
-        // and carries the gradient, omc u is its O(omc) correction.
-        // dp = -2 g r_p ((v - u) + omc_p u), omc_p = 1 where ||p|| <= eps
-        {
-          const float c = -2.f * g_data[i] * rp;
-          const float w = (ep != 0 || np > kNormEps) ? omc : 1.f;
-          at::vec::map2([c, w, rp, rz](Vec zz, Vec pp) {
-            const Vec u = pp * Vec(rp), v = zz * Vec(rz);
-            return ((v - u) + u * Vec(w)) * Vec(c);
-          }, out.data(), zr, pr, D);
-          if (ep != 0) scale_row_pow2(out.data(), out.data(), D, ep);  // d/dp = 2^-e d/dp'
-          store_row(out.data(), dp_data + i * D, D);
-        }
+        // dp = -2 g r_p ((v - u) + omc_p u), omc_p = 1 where ||p|| <= eps; dz likewise
+        row_grad(pr, zr, rp, rz, -2.f * g_data[i] * rp, (ep != 0 || np > kNormEps) ? omc : 1.f, ep, out.data(), D);
+        store_row(out.data(), dp_data + i * D, D);
         if (need_dz) {
-          const float c = -2.f * g_data[i] * rz;
-          const float w = (ez != 0 || nz > kNormEps) ? omc : 1.f;
-          at::vec::map2([c, w, rp, rz](Vec pp, Vec zz) {
-            const Vec u = pp * Vec(rp), v = zz * Vec(rz);
-            return ((u - v) + v * Vec(w)) * Vec(c);
-          }, out.data(), pr, zr, D);
-          if (ez != 0) scale_row_pow2(out.data(), out.data(), D, ez);
+          row_grad(zr, pr, rz, rp, -2.f * g_data[i] * rz, (ez != 0 || nz > kNormEps) ? omc : 1.f, ez, out.data(), D);
           store_row(out.data(), dz_data + i * D, D);
         }
       }
