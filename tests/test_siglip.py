@@ -77,11 +77,14 @@ def _formula_float64(x, y, scale, bias):
     """SPEC.md literally, in float64 (an independent evaluation: loops over the z signs)."""
     logits = scale * (x @ y.T) + bias
     n = logits.shape[0]
+    zero = torch.zeros((), dtype=logits.dtype)
     total = 0.0
     for i in range(n):
         for j in range(n):
             z = 1.0 if i == j else -1.0
-            total = total + torch.nn.functional.softplus(-z * logits[i, j])
+            # log(1 + e^v) exactly: F.softplus returns v itself past its threshold 20 (off by
+            # e^-v ~ 2e-9, a 1e-11 relative error of the loss, over this test's 1e-12)
+            total = total + torch.logaddexp(zero, -z * logits[i, j])
     return total / n
 
 
